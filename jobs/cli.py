@@ -1,0 +1,261 @@
+"""`airatings`: one subcommand per lifecycle job. This module only wires subcommands.
+
+Each subcommand parses options, loads the config (exit 2 on any config problem, before any
+write), binds log context and calls a plain function ``run(cfg, ...) -> summary dict`` in the
+job's module. ``--json`` prints that summary as one JSON object on stdout; otherwise a short
+human summary. Exit codes: 0 done / already done, 2 bad config or input, 75 transient.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from jobs.errors import EXIT_TRANSIENT, JobError, NotBuiltError, Terminated
+
+app = typer.Typer(
+    help="ai-ratings: people's ratings of webcam snapshots -> a better ONNX model, reproducibly.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+db_app = typer.Typer(help="Manage the embedded PostgreSQL (or show the DATABASE_URL in use).", no_args_is_help=True)
+demo_app = typer.Typer(help="The synthetic demo world.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(demo_app, name="demo")
+
+ConfigOpt = Annotated[
+    Path, typer.Option("--config", "-c", help="Run config YAML.", show_default=True)
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON summary object on stdout.")]
+RunOpt = Annotated[str, typer.Option("--run", help="Training run: 'latest', an id or a model version.")]
+DEFAULT_CONFIG = Path("configs/v2_baseline.yaml")
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated(f"received signal {signum}: stopped, rolled back, temp files removed; safe to re-run")
+
+
+def _print_summary(job: str, summary: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(summary, default=str, sort_keys=True) + "\n")
+        return
+    print(f"{job}: {summary.get('status', 'done')}")
+    for key, value in summary.items():
+        if key == "status":
+            continue
+        if isinstance(value, dict | list):
+            value = json.dumps(value, default=str, sort_keys=True)
+        print(f"  {key}: {value}")
+
+
+def run_job(job: str, target: str, config: Path, as_json: bool, **kwargs: Any) -> None:
+    """Load config, call ``module:function(cfg, **kwargs)``, print the summary, exit."""
+    from jobs import logs
+    from jobs.config import load_config
+
+    logs.configure()
+    logs.bind(job=job)
+    log = logs.get_logger()
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    started = time.monotonic()
+    code = 0
+    try:
+        cfg = load_config(config)
+        module_name, func_name = target.split(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name == module_name:
+                raise NotBuiltError(f"'{job}' is not built yet in this version") from None
+            raise
+        summary = getattr(module, func_name)(cfg, **kwargs) or {}
+        summary.setdefault("status", "done")
+        summary.setdefault("seconds", round(time.monotonic() - started, 3))
+        log.info("job_finished", **{k: v for k, v in summary.items() if not isinstance(v, dict | list)})
+        _print_summary(job, summary, as_json)
+    except JobError as exc:
+        code = exc.exit_code
+        log.error("job_failed", error=str(exc), exit_code=code, kind=type(exc).__name__)
+        if as_json:
+            sys.stdout.write(json.dumps({"status": "failed", "error": str(exc), "exit_code": code}) + "\n")
+        print(f"error: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        code = EXIT_TRANSIENT
+        print("error: interrupted; nothing half-written was kept, safe to re-run", file=sys.stderr)
+    except Exception as exc:  # operational DB errors are transient; everything else is a bug
+        import psycopg
+
+        if isinstance(exc, psycopg.OperationalError):
+            code = EXIT_TRANSIENT
+            print(f"error: database unavailable: {exc}", file=sys.stderr)
+        else:
+            raise
+    finally:
+        logs.clear()
+    raise typer.Exit(code)
+
+
+# ---- db ----------------------------------------------------------------------------------
+
+
+@db_app.command("start")
+def db_start(config: ConfigOpt = DEFAULT_CONFIG, json_: JsonOpt = False) -> None:
+    """Start the embedded PostgreSQL under <data_dir>/pg (no-op if running or DATABASE_URL set)."""
+    run_job("db", "jobs.dbcli:start", config, json_)
+
+
+@db_app.command("stop")
+def db_stop(config: ConfigOpt = DEFAULT_CONFIG, json_: JsonOpt = False) -> None:
+    """Stop the embedded PostgreSQL."""
+    run_job("db", "jobs.dbcli:stop", config, json_)
+
+
+@db_app.command("status")
+def db_status(config: ConfigOpt = DEFAULT_CONFIG, json_: JsonOpt = False) -> None:
+    """Show whether the database is reachable and which migrations are applied."""
+    run_job("db", "jobs.dbcli:status", config, json_)
+
+
+@db_app.command("url")
+def db_url(config: ConfigOpt = DEFAULT_CONFIG) -> None:
+    """Print the connection URL jobs use (starts the embedded server if needed)."""
+    from jobs.config import load_config
+    from jobs.db import database_url
+
+    try:
+        print(database_url(load_config(config)))
+    except JobError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise typer.Exit(exc.exit_code) from None
+
+
+@app.command("migrate")
+def migrate(config: ConfigOpt = DEFAULT_CONFIG, json_: JsonOpt = False) -> None:
+    """Apply this project's SQL migrations (jobs/migrations) in order; idempotent."""
+    run_job("migrate", "jobs.db:migrate", config, json_)
+
+
+# ---- demo --------------------------------------------------------------------------------
+
+
+@demo_app.command("seed")
+def demo_seed(
+    config: ConfigOpt = DEFAULT_CONFIG,
+    json_: JsonOpt = False,
+    snapshots: Annotated[int | None, typer.Option(help="Number of snapshots (default: demo.snapshots).")] = None,
+    seed: Annotated[int | None, typer.Option(help="World seed (default: demo.seed).")] = None,
+) -> None:
+    """Create the app's tables (if absent) and fill them with a deterministic synthetic world."""
+    run_job("demo-seed", "jobs.demo:seed", config, json_, snapshots=snapshots, seed=seed)
+
+
+@demo_app.command("run")
+def demo_run(config: ConfigOpt = Path("configs/demo.yaml"), json_: JsonOpt = False) -> None:
+    """The whole demo lifecycle on the embedded defaults (what `just demo` runs)."""
+    run_job("demo", "jobs.demo.lifecycle:run", config, json_)
+
+
+# ---- dataset -----------------------------------------------------------------------------
+
+
+@app.command(
+    "dbt",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+)
+def dbt(
+    ctx: typer.Context,
+    config: ConfigOpt = DEFAULT_CONFIG,
+    json_: JsonOpt = False,
+) -> None:
+    """Run dbt with the profile and vars from the config: `airatings dbt build`."""
+    run_job("dbt", "jobs.dbt_runner:cli", config, json_, args=list(ctx.args))
+
+
+@app.command("export")
+def export(
+    config: ConfigOpt = DEFAULT_CONFIG,
+    json_: JsonOpt = False,
+    csv: Annotated[bool, typer.Option("--csv", help="Also write manifest_*.csv.")] = False,
+) -> None:
+    """Build dbt, freeze the split view into Parquet manifests, record the run and its labels."""
+    run_job("export", "jobs.export:run", config, json_, csv=csv)
+
+
+@app.command("cache")
+def cache(
+    config: ConfigOpt = DEFAULT_CONFIG,
+    json_: JsonOpt = False,
+    run: RunOpt = "latest",
+    shard: Annotated[str | None, typer.Option(help="I/N: this shard of a sharded (Indexed Job) run.")] = None,
+    merge: Annotated[bool, typer.Option("--merge", help="Combine shard outputs into the active manifests.")] = False,
+) -> None:
+    """Download, validate and cache the run's images; write failures and active manifests."""
+    run_job("cache", "jobs.cache:run", config, json_, run=run, shard=shard, merge=merge)
+
+
+# ---- model -------------------------------------------------------------------------------
+
+
+@app.command("train")
+def train(config: ConfigOpt = DEFAULT_CONFIG, json_: JsonOpt = False, run: RunOpt = "latest") -> None:
+    """Transfer-learn a torchvision backbone on the run's cached images (resumable)."""
+    run_job("train", "jobs.train:run", config, json_, run=run)
+
+
+@app.command("evaluate")
+def evaluate(config: ConfigOpt = DEFAULT_CONFIG, json_: JsonOpt = False, run: RunOpt = "latest") -> None:
+    """Test-split metrics, slices, bootstrap CIs, baselines, plots and report.html."""
+    run_job("evaluate", "jobs.evaluate:run", config, json_, run=run)
+
+
+@app.command("export-onnx")
+def export_onnx(config: ConfigOpt = DEFAULT_CONFIG, json_: JsonOpt = False, run: RunOpt = "latest") -> None:
+    """Export the best checkpoint to ONNX with onnxruntime parity checks ([5/8])."""
+    run_job("export-onnx", "jobs.onnx_export:run", config, json_, run=run)
+
+
+@app.command("register")
+def register(config: ConfigOpt = DEFAULT_CONFIG, json_: JsonOpt = False, run: RunOpt = "latest") -> None:
+    """Register an immutable model version with its model card ([5/8])."""
+    run_job("register", "jobs.register:run", config, json_, run=run)
+
+
+@app.command("release")
+def release(config: ConfigOpt = DEFAULT_CONFIG, json_: JsonOpt = False) -> None:
+    """Run every lifecycle step in order, resumable from the run's status ([5/8])."""
+    run_job("release", "jobs.release:run", config, json_)
+
+
+@app.command("score")
+def score(config: ConfigOpt = DEFAULT_CONFIG, json_: JsonOpt = False) -> None:
+    """Score new snapshots with the production model and write the app's AI fields ([6/8])."""
+    run_job("score", "jobs.score:run", config, json_)
+
+
+@app.command("review")
+def review(config: ConfigOpt = DEFAULT_CONFIG, json_: JsonOpt = False) -> None:
+    """Disagreement report, review set and relabel import ([7/8])."""
+    run_job("review", "jobs.review:run", config, json_)
+
+
+@app.command("models")
+def models(config: ConfigOpt = DEFAULT_CONFIG, json_: JsonOpt = False) -> None:
+    """List training runs and model versions with their status and dataset hash."""
+    run_job("models", "jobs.dbcli:models", config, json_)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

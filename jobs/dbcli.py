@@ -1,0 +1,77 @@
+"""`airatings db ...` and `airatings models`: small read/admin commands over jobs.db."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from psycopg import sql
+
+from jobs import db
+from jobs.runs import table
+
+if TYPE_CHECKING:
+    from jobs.config import Config
+
+
+def start(cfg: Config) -> dict[str, Any]:
+    if cfg.database.url:
+        return {"status": "external", "url": db.redact(cfg.database.url)}
+    pgdata = cfg.data_dir / "pg"
+    before = db.embedded_status(pgdata)
+    url = db.start_embedded(pgdata)
+    return {
+        "status": "already_running" if before["running"] else "started",
+        "url": url,
+        "data_dir": str(pgdata),
+        "stale_pid_file_recovered": bool(before.get("stale_pid_file")),
+    }
+
+
+def stop(cfg: Config) -> dict[str, Any]:
+    if cfg.database.url:
+        return {"status": "external", "detail": "DATABASE_URL is set: nothing embedded to stop"}
+    stopped = db.stop_embedded(cfg.data_dir / "pg")
+    return {"status": "stopped" if stopped else "not_running", "data_dir": str(cfg.data_dir / "pg")}
+
+
+def status(cfg: Config) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if cfg.database.url:
+        out["mode"] = "external"
+        out["url"] = db.redact(cfg.database.url)
+    else:
+        out["mode"] = "embedded"
+        out.update(db.embedded_status(cfg.data_dir / "pg"))
+        if not out["running"]:
+            out["status"] = "not_running"
+            return out
+    with db.connect(cfg) as conn:
+        out["server_version"] = conn.execute("show server_version").fetchone()[0]
+        exists = conn.execute(
+            "select to_regclass(%s) is not null", (f"{cfg.database.ml_schema}.schema_migrations",)
+        ).fetchone()[0]
+        applied = []
+        if exists:
+            applied = [r[0] for r in conn.execute(sql.SQL("select name from {} order by version").format(table(cfg, "schema_migrations")))]
+        out["migrations_applied"] = applied
+        out["migrations_pending"] = [n for _, n, _ in db.migration_files() if n not in applied]
+    out["status"] = "running"
+    return out
+
+
+def models(cfg: Config) -> dict[str, Any]:
+    with db.connect(cfg) as conn:
+        rows = conn.execute(
+            sql.SQL(
+                "select id, model_version, status, dataset_hash, created_at, failure_reason"
+                " from {} order by id"
+            ).format(table(cfg, "model_training_runs"))
+        ).fetchall()
+    runs = [
+        {
+            "id": r[0], "model_version": r[1], "status": r[2], "dataset_hash": r[3],
+            "created_at": r[4].isoformat(), "failure_reason": r[5],
+        }
+        for r in rows
+    ]
+    return {"status": "done", "count": len(runs), "runs": runs}

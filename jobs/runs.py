@@ -1,0 +1,123 @@
+"""The training-run record shared by every lifecycle job: find a run, move its status, add
+provenance, mark it failed. Jobs talk only through Postgres and the artifact store.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from psycopg import sql
+
+from jobs.errors import InputError
+
+if TYPE_CHECKING:
+    import psycopg
+
+    from jobs.config import Config
+
+# Lifecycle order; 'failed' is terminal for a run.
+STATUSES = ("exported", "cached", "trained", "evaluated", "onnx_exported", "registered")
+
+
+@dataclass(frozen=True)
+class Run:
+    id: int
+    model_version: str
+    status: str
+    dataset_hash: str | None
+    config_hash: str
+    params: dict[str, Any]
+
+    def reached(self, status: str) -> bool:
+        """True if the run is at or past ``status`` in the lifecycle (never for failed runs)."""
+        if self.status == "failed":
+            return False
+        return STATUSES.index(self.status) >= STATUSES.index(status)
+
+
+def table(cfg: Config, name: str) -> sql.Composed:
+    return sql.SQL("{}.{}").format(sql.Identifier(cfg.database.ml_schema), sql.Identifier(name))
+
+
+def _row_to_run(row: tuple) -> Run:
+    rid, version, status, dataset_hash, config_hash, params = row
+    return Run(rid, version, status, dataset_hash, config_hash, params or {})
+
+
+def get_run(conn: psycopg.Connection, cfg: Config, ref: str | int = "latest") -> Run:
+    """Resolve ``latest`` (newest non-failed run), a numeric id or a model version name."""
+    cols = sql.SQL("id, model_version, status, dataset_hash, config_hash, params_json")
+    runs = table(cfg, "model_training_runs")
+    ref_s = str(ref)
+    if ref_s == "latest":
+        q = sql.SQL("select {} from {} where status <> 'failed' order by id desc limit 1").format(cols, runs)
+        row = conn.execute(q).fetchone()
+    elif ref_s.isdigit():
+        row = conn.execute(sql.SQL("select {} from {} where id = %s").format(cols, runs), (int(ref_s),)).fetchone()
+    else:
+        row = conn.execute(
+            sql.SQL("select {} from {} where model_version = %s").format(cols, runs), (ref_s,)
+        ).fetchone()
+    if row is None:
+        raise InputError(f"no training run matches {ref_s!r}; run 'airatings export' first")
+    return _row_to_run(row)
+
+
+def require(run: Run, status: str) -> None:
+    if run.status == "failed":
+        raise InputError(f"run {run.model_version} is marked failed; start a new one with 'airatings export'")
+    if not run.reached(status):
+        raise InputError(f"run {run.model_version} is '{run.status}', needs '{status}' first")
+
+
+def set_status(
+    conn: psycopg.Connection, cfg: Config, run_id: int, status: str, *, step: str | None = None,
+    summary: dict[str, Any] | None = None, **columns: Any,
+) -> None:
+    """Move a run to ``status`` and merge ``summary`` into ``params_json[step]``.
+
+    Never moves a run backwards (a re-run of an earlier step leaves a later status alone).
+    Extra keyword columns (``artifact_sha256``, ``trained_at``...) are set as given.
+    """
+    if status not in STATUSES:
+        raise ValueError(status)
+    runs = table(cfg, "model_training_runs")
+    sets = [sql.SQL("updated_at = now()")]
+    params: list[Any] = []
+    if summary is not None:
+        sets.append(sql.SQL("params_json = params_json || jsonb_build_object(%s::text, %s::jsonb)"))
+        params += [step or status, json.dumps(summary, default=str)]
+    for col, val in columns.items():
+        sets.append(sql.SQL("{} = %s").format(sql.Identifier(col)))
+        params.append(val)
+    # status only moves forward
+    sets.append(
+        sql.SQL(
+            "status = case when status = 'failed' then status"
+            " when array_position(%s::text[], status) >= array_position(%s::text[], %s) then status"
+            " else %s end"
+        )
+    )
+    params += [list(STATUSES), list(STATUSES), status, status]
+    q = sql.SQL("update {} set {} where id = %s").format(runs, sql.SQL(", ").join(sets))
+    conn.execute(q, [*params, run_id])
+
+
+def mark_failed(conn: psycopg.Connection, cfg: Config, run_id: int, reason: str) -> None:
+    conn.execute(
+        sql.SQL("update {} set status = 'failed', failure_reason = %s, updated_at = now() where id = %s").format(
+            table(cfg, "model_training_runs")
+        ),
+        (reason[:2000], run_id),
+    )
+
+
+def run_dir(cfg: Config, model_version: str) -> Path:
+    return cfg.artifacts_dir / "runs" / model_version
+
+
+def dataset_dir(cfg: Config, dataset_hash: str) -> Path:
+    return cfg.artifacts_dir / "datasets" / dataset_hash

@@ -1,0 +1,54 @@
+# ai-ratings: `just demo` runs the whole lifecycle on embedded defaults; `just test` the suite.
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+venv := ".venv"
+bin := venv / "bin"
+python := bin / "python"
+
+# List the recipes
+default:
+    @just --list --unsorted
+
+# Create .venv and install the project with the train and dev extras
+setup:
+    test -x {{ python }} || python3 -m venv {{ venv }}
+    {{ python }} -m pip install --quiet --upgrade pip
+    {{ python }} -m pip install --quiet -e '.[train,dev]'
+
+# Full lifecycle on the demo world (embedded PostgreSQL, no DATABASE_URL needed)
+demo: _ensure-setup
+    {{ bin }}/airatings demo run --config configs/demo.yaml
+
+# Run the test suite against a real embedded PostgreSQL
+test *args: _ensure-setup
+    {{ bin }}/pytest {{ args }}
+
+# Lint Python, SQL and the justfile
+lint: _ensure-setup
+    {{ bin }}/ruff check .
+    {{ bin }}/ruff format --check .
+    {{ bin }}/sqlfluff lint dbt jobs/migrations
+    {{ bin }}/just --fmt --check --unstable
+
+# Format Python, SQL and the justfile
+fmt: _ensure-setup
+    {{ bin }}/ruff check --fix .
+    {{ bin }}/ruff format .
+    {{ bin }}/sqlfluff fix dbt jobs/migrations
+    {{ bin }}/just --fmt --unstable
+
+# Run every benchmark in bench/ and print the ratios recorded in BENCHMARKS.md
+bench: _ensure-setup
+    for f in bench/bench_*.py; do {{ python }} "$f"; done
+
+# Build dbt docs (offline) and serve them on localhost:8080
+docs: _ensure-setup
+    {{ bin }}/airatings dbt docs generate --config configs/demo.yaml
+    {{ bin }}/airatings dbt docs serve --port 8080 --config configs/demo.yaml
+
+# What CI runs: setup, lint, test
+ci: setup lint test
+
+_ensure-setup:
+    @test -x {{ bin }}/airatings || just setup

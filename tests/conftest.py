@@ -1,0 +1,96 @@
+"""Shared fixtures: a real embedded PostgreSQL (one server per session, a fresh database per
+test), configs pointing at it and at an isolated artifacts dir, and migrated schemas."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from jobs import db
+from jobs.config import Config, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+BASELINE = REPO / "configs" / "v2_baseline.yaml"
+DEMO = REPO / "configs" / "demo.yaml"
+
+
+@pytest.fixture(scope="session")
+def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One embedded PostgreSQL for the whole session (or TEST_DATABASE_URL if given)."""
+    external = os.environ.get("TEST_DATABASE_URL")
+    if external:
+        yield external
+        return
+    pgdata = tmp_path_factory.mktemp("pg") / "data"
+    pgdata.mkdir()
+    url = db.start_embedded(pgdata)
+    try:
+        yield url
+    finally:
+        db.stop_embedded(pgdata)
+
+
+def _with_dbname(url: str, dbname: str) -> str:
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    parts = conninfo_to_dict(url)
+    parts["dbname"] = dbname
+    return make_conninfo(**parts)
+
+
+@pytest.fixture
+def database_url(pg_server: str) -> Iterator[str]:
+    """A fresh, empty database on the session server, dropped after the test."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(pg_server, autocommit=True) as conn:
+        conn.execute(f'create database "{name}"')
+    url = _with_dbname(pg_server, name)
+    try:
+        yield url
+    finally:
+        with psycopg.connect(pg_server, autocommit=True) as conn:
+            conn.execute(f'drop database if exists "{name}" with (force)')
+
+
+@pytest.fixture
+def make_cfg(database_url: str, tmp_path: Path) -> Callable[..., Config]:
+    """Build a Config on a given file with the test database and tmp dirs, plus AIR__ overrides.
+
+    ``make_cfg(config=DEMO, train__epochs=2)`` -> AIR__TRAIN__EPOCHS=2.
+    """
+
+    def build(config: Path = BASELINE, **overrides: object) -> Config:
+        env = {
+            "DATABASE_URL": database_url,
+            "AIR_ARTIFACTS_DIR": str(tmp_path / "artifacts"),
+            "AIR_DATA_DIR": str(tmp_path / "data"),
+        }
+        for key, value in overrides.items():
+            section, _, name = key.partition("__")
+            env[f"AIR__{section.upper()}__{name.upper()}"] = (
+                str(value).lower() if isinstance(value, bool) else str(value)
+            )
+        return load_config(config, env=env)
+
+    return build
+
+
+@pytest.fixture
+def cfg(make_cfg: Callable[..., Config]) -> Config:
+    """The baseline config on a fresh, migrated test database."""
+    c = make_cfg()
+    db.migrate(c)
+    return c
+
+
+@pytest.fixture
+def demo_cfg(make_cfg: Callable[..., Config]) -> Config:
+    """The demo config on a fresh, migrated test database."""
+    c = make_cfg(DEMO)
+    db.migrate(c)
+    return c
