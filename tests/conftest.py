@@ -4,6 +4,7 @@ test), configs pointing at it and at an isolated artifacts dir, and migrated sch
 from __future__ import annotations
 
 import os
+import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,6 +18,8 @@ from jobs.config import Config, load_config
 REPO = Path(__file__).resolve().parents[1]
 BASELINE = REPO / "configs" / "v2_baseline.yaml"
 DEMO = REPO / "configs" / "demo.yaml"
+# The console script of the venv running the tests (works without an activated venv).
+AIRATINGS = str(Path(sys.executable).parent / "airatings")
 
 
 @pytest.fixture(scope="session")

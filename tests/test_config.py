@@ -1,0 +1,92 @@
+"""Config: typed, safe YAML, env overrides, clear exit-2 errors before anything is written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from jobs.config import Config, load_config
+from jobs.errors import ConfigError
+
+from conftest import BASELINE, DEMO
+
+
+def write(tmp_path: Path, text: str, name: str = "c.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_baseline_loads_and_hash_is_stable():
+    a = load_config(BASELINE, env={})
+    b = load_config(BASELINE, env={})
+    assert isinstance(a, Config)
+    assert a.config_hash == b.config_hash
+    assert len(a.config_hash) == 64
+
+
+def test_hash_ignores_machine_local_values_but_not_run_values():
+    base = load_config(BASELINE, env={})
+    moved = load_config(BASELINE, env={"DATABASE_URL": "postgresql://u:p@h/db", "AIR_ARTIFACTS_DIR": "/x"})
+    assert moved.database.url == "postgresql://u:p@h/db"
+    assert str(moved.paths.artifacts_dir) == "/x"
+    assert moved.config_hash == base.config_hash
+    changed = load_config(BASELINE, env={"AIR__TRAIN__EPOCHS": "3"})
+    assert changed.train.epochs == 3
+    assert changed.config_hash != base.config_hash
+
+
+def test_demo_extends_baseline():
+    demo = load_config(DEMO, env={})
+    assert demo.cache.allow_file_urls is True
+    assert "file" in demo.dataset.allowed_url_schemes
+    base = load_config(BASELINE, env={})
+    assert base.cache.allow_file_urls is False
+    assert "file" not in base.dataset.allowed_url_schemes
+    # untouched keys come from the baseline
+    assert demo.dataset.split_seed == base.dataset.split_seed
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("train:\n  epoch: 3\n", "train.epoch: unknown key"),
+        ("bogus: 1\n", "bogus: unknown key"),
+        ("train:\n  epochs: many\n", "train.epochs"),
+        ("dataset:\n  split_ratios: {train: 0.5, val: 0.1, test: 0.1}\n", "sum to 1.0"),
+        ("train:\n  epochs: !!python/object/apply:os.system ['touch /tmp/pwned']\n", "python/object/apply"),
+        ("database:\n  app_schema: 'public; drop table webcams'\n", "database.app_schema"),
+        ("- a\n- b\n", "top level must be a mapping"),
+    ],
+)
+def test_bad_config_names_the_problem(tmp_path, text, needle):
+    with pytest.raises(ConfigError) as exc:
+        load_config(write(tmp_path, text), env={})
+    assert needle in str(exc.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml", env={})
+
+
+def test_env_override_unknown_key_and_bad_shape():
+    with pytest.raises(ConfigError, match="train.epochz: unknown key"):
+        load_config(BASELINE, env={"AIR__TRAIN__EPOCHZ": "3"})
+    with pytest.raises(ConfigError, match="unknown config section 'nosuch'"):
+        load_config(BASELINE, env={"AIR__NOSUCH__X": "3"})
+    with pytest.raises(ConfigError, match="AIR__<SECTION>__<KEY>"):
+        load_config(BASELINE, env={"AIR__TRAIN": "3"})
+
+
+def test_extends_loop_is_refused(tmp_path):
+    write(tmp_path, "extends: b.yaml\n", "a.yaml")
+    write(tmp_path, "extends: a.yaml\n", "b.yaml")
+    with pytest.raises(ConfigError, match="loops"):
+        load_config(tmp_path / "a.yaml", env={})
+
+
+def test_resolved_yaml_redacts_database_url():
+    c = load_config(BASELINE, env={"DATABASE_URL": "postgresql://u:secret@h/db"})
+    assert "secret" not in c.to_yaml()

@@ -1,0 +1,146 @@
+"""Migrations and the embedded server on a real PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+
+import psycopg
+import pytest
+
+from jobs import db
+from jobs.errors import InputError
+
+from conftest import AIRATINGS
+
+
+def applied(cfg) -> list[str]:
+    with db.connect(cfg) as conn:
+        return [r[0] for r in conn.execute("select name from airatings.schema_migrations order by version")]
+
+
+def test_migrate_twice_is_idempotent(make_cfg):
+    cfg = make_cfg()
+    first = db.migrate(cfg)
+    assert "0001_training_runs.sql" in first["applied"]
+    second = db.migrate(cfg)
+    assert second["applied"] == []
+    assert applied(cfg) == [n for _, n, _ in db.migration_files()]
+
+
+def test_two_migrates_at_once_end_in_one_state(make_cfg):
+    cfg = make_cfg()
+    results, errors = [], []
+
+    def go():
+        try:
+            results.append(db.migrate(cfg))
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=go) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    applied_counts = sorted(len(r["applied"]) for r in results)
+    assert applied_counts[0] == 0 and applied_counts[1] == len(db.migration_files())
+    assert applied(cfg) == [n for _, n, _ in db.migration_files()]
+
+
+def test_failing_migration_rolls_back_and_rerun_works_after_fix(make_cfg):
+    cfg = make_cfg()
+    good = db.migration_files()
+    broken = (9999, "9999_broken.sql", "create table half_done (id int); select 1/0;")
+    with pytest.raises(InputError, match="9999_broken.sql failed and was rolled back"):
+        db.migrate(cfg, files=[*good, broken])
+    with db.connect(cfg) as conn:
+        assert conn.execute("select to_regclass('airatings.half_done')").fetchone()[0] is None
+        versions = [r[0] for r in conn.execute("select version from airatings.schema_migrations")]
+    assert 9999 not in versions
+    assert len(versions) == len(good)  # the good ones before it stay applied
+    fixed = (9999, "9999_broken.sql", "create table half_done (id int);")
+    assert db.migrate(cfg, files=[*good, fixed])["applied"] == ["9999_broken.sql"]
+
+
+def test_changed_applied_migration_is_refused(make_cfg):
+    cfg = make_cfg()
+    files = db.migration_files()
+    db.migrate(cfg)
+    n, name, text = files[0]
+    with pytest.raises(InputError, match="changed after it was applied"):
+        db.migrate(cfg, files=[(n, name, text + "\n-- edited\n"), *files[1:]])
+
+
+def test_badly_named_migration_is_refused(tmp_path, monkeypatch):
+    from importlib import resources
+
+    root = tmp_path / "jobs" / "migrations"
+    root.mkdir(parents=True)
+    (root / "1_bad.sql").write_text("select 1;")
+    monkeypatch.setattr(resources, "files", lambda pkg: tmp_path / "jobs")
+    with pytest.raises(InputError, match="is not named NNNN_<what>.sql"):
+        db.migration_files()
+
+
+def test_embedded_start_twice_and_stale_pid(tmp_path):
+    pgdata = tmp_path / "pg"
+    url = db.start_embedded(pgdata)
+    try:
+        assert db.start_embedded(pgdata) == url  # already running: same server
+        with psycopg.connect(url) as conn:
+            assert conn.execute("select 1").fetchone() == (1,)
+        status = db.embedded_status(pgdata)
+        assert status["running"] and status["pid"] > 0
+        # Kill the postmaster hard: postmaster.pid stays behind (stale).
+        os.kill(status["pid"], signal.SIGKILL)
+        for _ in range(100):
+            if not db.embedded_status(pgdata)["running"]:
+                break
+            time.sleep(0.1)
+        # wait for children to exit so the shared memory is released
+        time.sleep(1.0)
+        assert (pgdata / "postmaster.pid").exists()
+        assert db.embedded_status(pgdata)["stale_pid_file"]
+        url2 = db.start_embedded(pgdata)
+        with psycopg.connect(url2) as conn:
+            assert conn.execute("select 1").fetchone() == (1,)
+    finally:
+        db.stop_embedded(pgdata)
+    assert not db.embedded_status(pgdata)["running"]
+
+
+def test_cli_db_lifecycle(tmp_path):
+    env = {**os.environ, "AIR_DATA_DIR": str(tmp_path / "data")}
+    env.pop("DATABASE_URL", None)
+    run = lambda *a: subprocess.run(  # noqa: E731
+        [AIRATINGS, *a], capture_output=True, text=True, env=env, timeout=120
+    )
+    try:
+        r = run("db", "start", "--json")
+        assert r.returncode == 0, r.stderr
+        assert '"status": "started"' in r.stdout
+        r = run("db", "start", "--json")
+        assert '"status": "already_running"' in r.stdout
+        r = run("migrate", "--json")
+        assert r.returncode == 0, r.stderr
+        r = run("db", "status", "--json")
+        assert '"migrations_pending": []' in r.stdout
+    finally:
+        r = run("db", "stop", "--json")
+    assert '"status": "stopped"' in r.stdout
+
+
+def test_advisory_job_lock_excludes_a_second_holder(cfg):
+    with db.job_lock(cfg, "export", 1) as first:
+        assert first is True
+        with db.job_lock(cfg, "export", 1) as second:
+            assert second is False
+        with db.job_lock(cfg, "export", 2) as other_run:
+            assert other_run is True
+    with db.job_lock(cfg, "export", 1) as again:
+        assert again is True
