@@ -8,7 +8,7 @@ python := bin / "python"
 
 # List the recipes
 default:
-    @just --list --unsorted
+    @{{ just_executable() }} --list --unsorted
 
 # Create .venv and install the project with the train and dev extras
 setup:
@@ -29,14 +29,14 @@ lint: _ensure-setup
     {{ bin }}/ruff check .
     {{ bin }}/ruff format --check .
     {{ bin }}/sqlfluff lint dbt jobs/migrations
-    {{ bin }}/just --fmt --check --unstable
+    {{ just_executable() }} --fmt --check
 
 # Format Python, SQL and the justfile
 fmt: _ensure-setup
     {{ bin }}/ruff check --fix .
     {{ bin }}/ruff format .
     {{ bin }}/sqlfluff fix dbt jobs/migrations
-    {{ bin }}/just --fmt --unstable
+    {{ just_executable() }} --fmt
 
 # Run every benchmark in bench/ and print the ratios recorded in BENCHMARKS.md
 bench: _ensure-setup
@@ -51,4 +51,4 @@ docs: _ensure-setup
 ci: setup lint test
 
 _ensure-setup:
-    @test -x {{ bin }}/airatings || just setup
+    @test -x {{ bin }}/airatings || {{ just_executable() }} setup

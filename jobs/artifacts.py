@@ -119,4 +119,6 @@ def write_once(final: str | Path, data: bytes) -> Path:
 def verify_sha256(path: str | Path, expected: str) -> None:
     actual = sha256_file(path)
     if actual != expected:
-        raise InputError(f"{path}: sha256 {actual} does not match the recorded {expected}; refusing to load")
+        raise InputError(
+            f"{path}: sha256 {actual} does not match the recorded {expected}; refusing to load"
+        )

@@ -27,7 +27,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
-db_app = typer.Typer(help="Manage the embedded PostgreSQL (or show the DATABASE_URL in use).", no_args_is_help=True)
+db_app = typer.Typer(
+    help="Manage the embedded PostgreSQL (or show the DATABASE_URL in use).", no_args_is_help=True
+)
 demo_app = typer.Typer(help="The synthetic demo world.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(demo_app, name="demo")
@@ -36,12 +38,16 @@ ConfigOpt = Annotated[
     Path, typer.Option("--config", "-c", help="Run config YAML.", show_default=True)
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON summary object on stdout.")]
-RunOpt = Annotated[str, typer.Option("--run", help="Training run: 'latest', an id or a model version.")]
+RunOpt = Annotated[
+    str, typer.Option("--run", help="Training run: 'latest', an id or a model version.")
+]
 DEFAULT_CONFIG = Path("configs/v2_baseline.yaml")
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
-    raise Terminated(f"received signal {signum}: stopped, rolled back, temp files removed; safe to re-run")
+    raise Terminated(
+        f"received signal {signum}: stopped, rolled back, temp files removed; safe to re-run"
+    )
 
 
 def _print_summary(job: str, summary: dict[str, Any], as_json: bool) -> None:
@@ -80,13 +86,17 @@ def run_job(job: str, target: str, config: Path, as_json: bool, **kwargs: Any) -
         summary = getattr(module, func_name)(cfg, **kwargs) or {}
         summary.setdefault("status", "done")
         summary.setdefault("seconds", round(time.monotonic() - started, 3))
-        log.info("job_finished", **{k: v for k, v in summary.items() if not isinstance(v, dict | list)})
+        log.info(
+            "job_finished", **{k: v for k, v in summary.items() if not isinstance(v, dict | list)}
+        )
         _print_summary(job, summary, as_json)
     except JobError as exc:
         code = exc.exit_code
         log.error("job_failed", error=str(exc), exit_code=code, kind=type(exc).__name__)
         if as_json:
-            sys.stdout.write(json.dumps({"status": "failed", "error": str(exc), "exit_code": code}) + "\n")
+            sys.stdout.write(
+                json.dumps({"status": "failed", "error": str(exc), "exit_code": code}) + "\n"
+            )
         print(f"error: {exc}", file=sys.stderr)
     except KeyboardInterrupt:
         code = EXIT_TRANSIENT
@@ -151,7 +161,9 @@ def migrate(config: ConfigOpt = DEFAULT_CONFIG, json_: JsonOpt = False) -> None:
 def demo_seed(
     config: ConfigOpt = DEFAULT_CONFIG,
     json_: JsonOpt = False,
-    snapshots: Annotated[int | None, typer.Option(help="Number of snapshots (default: demo.snapshots).")] = None,
+    snapshots: Annotated[
+        int | None, typer.Option(help="Number of snapshots (default: demo.snapshots).")
+    ] = None,
     seed: Annotated[int | None, typer.Option(help="World seed (default: demo.seed).")] = None,
 ) -> None:
     """Create the app's tables (if absent) and fill them with a deterministic synthetic world."""
@@ -195,8 +207,12 @@ def cache(
     config: ConfigOpt = DEFAULT_CONFIG,
     json_: JsonOpt = False,
     run: RunOpt = "latest",
-    shard: Annotated[str | None, typer.Option(help="I/N: this shard of a sharded (Indexed Job) run.")] = None,
-    merge: Annotated[bool, typer.Option("--merge", help="Combine shard outputs into the active manifests.")] = False,
+    shard: Annotated[
+        str | None, typer.Option(help="I/N: this shard of a sharded (Indexed Job) run.")
+    ] = None,
+    merge: Annotated[
+        bool, typer.Option("--merge", help="Combine shard outputs into the active manifests.")
+    ] = False,
 ) -> None:
     """Download, validate and cache the run's images; write failures and active manifests."""
     run_job("cache", "jobs.cache:run", config, json_, run=run, shard=shard, merge=merge)
@@ -206,25 +222,33 @@ def cache(
 
 
 @app.command("train")
-def train(config: ConfigOpt = DEFAULT_CONFIG, json_: JsonOpt = False, run: RunOpt = "latest") -> None:
+def train(
+    config: ConfigOpt = DEFAULT_CONFIG, json_: JsonOpt = False, run: RunOpt = "latest"
+) -> None:
     """Transfer-learn a torchvision backbone on the run's cached images (resumable)."""
     run_job("train", "jobs.train:run", config, json_, run=run)
 
 
 @app.command("evaluate")
-def evaluate(config: ConfigOpt = DEFAULT_CONFIG, json_: JsonOpt = False, run: RunOpt = "latest") -> None:
+def evaluate(
+    config: ConfigOpt = DEFAULT_CONFIG, json_: JsonOpt = False, run: RunOpt = "latest"
+) -> None:
     """Test-split metrics, slices, bootstrap CIs, baselines, plots and report.html."""
     run_job("evaluate", "jobs.evaluate:run", config, json_, run=run)
 
 
 @app.command("export-onnx")
-def export_onnx(config: ConfigOpt = DEFAULT_CONFIG, json_: JsonOpt = False, run: RunOpt = "latest") -> None:
+def export_onnx(
+    config: ConfigOpt = DEFAULT_CONFIG, json_: JsonOpt = False, run: RunOpt = "latest"
+) -> None:
     """Export the best checkpoint to ONNX with onnxruntime parity checks ([5/8])."""
     run_job("export-onnx", "jobs.onnx_export:run", config, json_, run=run)
 
 
 @app.command("register")
-def register(config: ConfigOpt = DEFAULT_CONFIG, json_: JsonOpt = False, run: RunOpt = "latest") -> None:
+def register(
+    config: ConfigOpt = DEFAULT_CONFIG, json_: JsonOpt = False, run: RunOpt = "latest"
+) -> None:
     """Register an immutable model version with its model card ([5/8])."""
     run_job("register", "jobs.register:run", config, json_, run=run)
 

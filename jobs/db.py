@@ -108,7 +108,9 @@ def database_url(cfg: Config, *, start: bool = True) -> str:
     if status["running"]:
         return status["url"]
     if not start:
-        raise InputError("no DATABASE_URL and the embedded PostgreSQL is not running: run 'airatings db start'")
+        raise InputError(
+            "no DATABASE_URL and the embedded PostgreSQL is not running: run 'airatings db start'"
+        )
     url = start_embedded(pgdata)
     log.info("embedded_postgres_started", data_dir=str(pgdata))
     return url
@@ -143,7 +145,9 @@ def conninfo_parts(url: str) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def connect(cfg_or_url: Config | str, *, autocommit: bool = False, **kw) -> Iterator[psycopg.Connection]:
+def connect(
+    cfg_or_url: Config | str, *, autocommit: bool = False, **kw
+) -> Iterator[psycopg.Connection]:
     """A psycopg connection; operational failures become TransientError (exit 75)."""
     import psycopg
 
@@ -264,12 +268,16 @@ def migrate(cfg: Config, *, files: list[tuple[int, str, str]] | None = None) -> 
                     continue
                 with conn.transaction():
                     conn.execute(
-                        sql.SQL("set local search_path to {}, public").format(sql.Identifier(schema))
+                        sql.SQL("set local search_path to {}, public").format(
+                            sql.Identifier(schema)
+                        )
                     )
                     try:
                         conn.execute(text)
                     except Exception as exc:
-                        raise InputError(f"migration {name} failed and was rolled back: {exc}") from exc
+                        raise InputError(
+                            f"migration {name} failed and was rolled back: {exc}"
+                        ) from exc
                     conn.execute(
                         sql.SQL(
                             "insert into {}.schema_migrations (version, name, checksum) values (%s, %s, %s)"
@@ -280,4 +288,9 @@ def migrate(cfg: Config, *, files: list[tuple[int, str, str]] | None = None) -> 
                 log.info("migration_applied", migration=name)
         finally:
             conn.execute("select pg_advisory_unlock(%s)", (lock_key("airatings", "migrate"),))
-    return {"schema": schema, "applied": applied_now, "total": len(files), "pending_before": len(applied_now)}
+    return {
+        "schema": schema,
+        "applied": applied_now,
+        "total": len(files),
+        "pending_before": len(applied_now),
+    }

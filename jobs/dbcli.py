@@ -52,7 +52,14 @@ def status(cfg: Config) -> dict[str, Any]:
         ).fetchone()[0]
         applied = []
         if exists:
-            applied = [r[0] for r in conn.execute(sql.SQL("select name from {} order by version").format(table(cfg, "schema_migrations")))]
+            applied = [
+                r[0]
+                for r in conn.execute(
+                    sql.SQL("select name from {} order by version").format(
+                        table(cfg, "schema_migrations")
+                    )
+                )
+            ]
         out["migrations_applied"] = applied
         out["migrations_pending"] = [n for _, n, _ in db.migration_files() if n not in applied]
     out["status"] = "running"
@@ -69,8 +76,12 @@ def models(cfg: Config) -> dict[str, Any]:
         ).fetchall()
     runs = [
         {
-            "id": r[0], "model_version": r[1], "status": r[2], "dataset_hash": r[3],
-            "created_at": r[4].isoformat(), "failure_reason": r[5],
+            "id": r[0],
+            "model_version": r[1],
+            "status": r[2],
+            "dataset_hash": r[3],
+            "created_at": r[4].isoformat(),
+            "failure_reason": r[5],
         }
         for r in rows
     ]

@@ -53,10 +53,14 @@ def get_run(conn: psycopg.Connection, cfg: Config, ref: str | int = "latest") ->
     runs = table(cfg, "model_training_runs")
     ref_s = str(ref)
     if ref_s == "latest":
-        q = sql.SQL("select {} from {} where status <> 'failed' order by id desc limit 1").format(cols, runs)
+        q = sql.SQL("select {} from {} where status <> 'failed' order by id desc limit 1").format(
+            cols, runs
+        )
         row = conn.execute(q).fetchone()
     elif ref_s.isdigit():
-        row = conn.execute(sql.SQL("select {} from {} where id = %s").format(cols, runs), (int(ref_s),)).fetchone()
+        row = conn.execute(
+            sql.SQL("select {} from {} where id = %s").format(cols, runs), (int(ref_s),)
+        ).fetchone()
     else:
         row = conn.execute(
             sql.SQL("select {} from {} where model_version = %s").format(cols, runs), (ref_s,)
@@ -68,14 +72,22 @@ def get_run(conn: psycopg.Connection, cfg: Config, ref: str | int = "latest") ->
 
 def require(run: Run, status: str) -> None:
     if run.status == "failed":
-        raise InputError(f"run {run.model_version} is marked failed; start a new one with 'airatings export'")
+        raise InputError(
+            f"run {run.model_version} is marked failed; start a new one with 'airatings export'"
+        )
     if not run.reached(status):
         raise InputError(f"run {run.model_version} is '{run.status}', needs '{status}' first")
 
 
 def set_status(
-    conn: psycopg.Connection, cfg: Config, run_id: int, status: str, *, step: str | None = None,
-    summary: dict[str, Any] | None = None, **columns: Any,
+    conn: psycopg.Connection,
+    cfg: Config,
+    run_id: int,
+    status: str,
+    *,
+    step: str | None = None,
+    summary: dict[str, Any] | None = None,
+    **columns: Any,
 ) -> None:
     """Move a run to ``status`` and merge ``summary`` into ``params_json[step]``.
 
@@ -108,9 +120,9 @@ def set_status(
 
 def mark_failed(conn: psycopg.Connection, cfg: Config, run_id: int, reason: str) -> None:
     conn.execute(
-        sql.SQL("update {} set status = 'failed', failure_reason = %s, updated_at = now() where id = %s").format(
-            table(cfg, "model_training_runs")
-        ),
+        sql.SQL(
+            "update {} set status = 'failed', failure_reason = %s, updated_at = now() where id = %s"
+        ).format(table(cfg, "model_training_runs")),
         (reason[:2000], run_id),
     )
 

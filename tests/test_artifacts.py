@@ -20,7 +20,10 @@ def test_atomic_write_replaces_only_after_check(tmp_path):
     def bad(p):
         raise InputError("footer unreadable")
 
-    with pytest.raises(InputError, match="footer unreadable"), artifacts.atomic_path(final, check=bad) as tmp:
+    with (
+        pytest.raises(InputError, match="footer unreadable"),
+        artifacts.atomic_path(final, check=bad) as tmp,
+    ):
         tmp.write_bytes(b"new but broken")
     assert final.read_bytes() == b"old"
     assert list(tmp_path.iterdir()) == [final]  # temp file removed

@@ -8,15 +8,32 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import AIRATINGS
 
-JOBS = ["db", "migrate", "demo", "dbt", "export", "cache", "train", "evaluate", "export-onnx",
-        "register", "release", "score", "review", "models"]
+JOBS = [
+    "db",
+    "migrate",
+    "demo",
+    "dbt",
+    "export",
+    "cache",
+    "train",
+    "evaluate",
+    "export-onnx",
+    "register",
+    "release",
+    "score",
+    "review",
+    "models",
+]
 
 
-def airatings(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([AIRATINGS, *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=120)
+def airatings(
+    *args: str, env: dict | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [AIRATINGS, *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=120
+    )
 
 
 def test_help_lists_every_job():
@@ -45,7 +62,11 @@ def test_bad_config_exits_2_naming_the_key_and_writes_nothing(tmp_path, text, ne
     marker = tmp_path / "pwned"
     cfg = tmp_path / "bad.yaml"
     cfg.write_text(text.format(marker=marker))
-    env = {**os.environ, "AIR_DATA_DIR": str(tmp_path / "data"), "AIR_ARTIFACTS_DIR": str(tmp_path / "art")}
+    env = {
+        **os.environ,
+        "AIR_DATA_DIR": str(tmp_path / "data"),
+        "AIR_ARTIFACTS_DIR": str(tmp_path / "art"),
+    }
     env.pop("DATABASE_URL", None)
     r = airatings("migrate", "--config", str(cfg), "--json", env=env)
     assert r.returncode == 2

@@ -5,11 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import BASELINE, DEMO
 
 from jobs.config import Config, load_config
 from jobs.errors import ConfigError
-
-from conftest import BASELINE, DEMO
 
 
 def write(tmp_path: Path, text: str, name: str = "c.yaml") -> Path:
@@ -28,7 +27,9 @@ def test_baseline_loads_and_hash_is_stable():
 
 def test_hash_ignores_machine_local_values_but_not_run_values():
     base = load_config(BASELINE, env={})
-    moved = load_config(BASELINE, env={"DATABASE_URL": "postgresql://u:p@h/db", "AIR_ARTIFACTS_DIR": "/x"})
+    moved = load_config(
+        BASELINE, env={"DATABASE_URL": "postgresql://u:p@h/db", "AIR_ARTIFACTS_DIR": "/x"}
+    )
     assert moved.database.url == "postgresql://u:p@h/db"
     assert str(moved.paths.artifacts_dir) == "/x"
     assert moved.config_hash == base.config_hash
@@ -55,7 +56,10 @@ def test_demo_extends_baseline():
         ("bogus: 1\n", "bogus: unknown key"),
         ("train:\n  epochs: many\n", "train.epochs"),
         ("dataset:\n  split_ratios: {train: 0.5, val: 0.1, test: 0.1}\n", "sum to 1.0"),
-        ("train:\n  epochs: !!python/object/apply:os.system ['touch /tmp/pwned']\n", "python/object/apply"),
+        (
+            "train:\n  epochs: !!python/object/apply:os.system ['touch /tmp/pwned']\n",
+            "python/object/apply",
+        ),
         ("database:\n  app_schema: 'public; drop table webcams'\n", "database.app_schema"),
         ("- a\n- b\n", "top level must be a mapping"),
     ],

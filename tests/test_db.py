@@ -10,16 +10,18 @@ import time
 
 import psycopg
 import pytest
+from conftest import AIRATINGS
 
 from jobs import db
 from jobs.errors import InputError
 
-from conftest import AIRATINGS
-
 
 def applied(cfg) -> list[str]:
     with db.connect(cfg) as conn:
-        return [r[0] for r in conn.execute("select name from airatings.schema_migrations order by version")]
+        return [
+            r[0]
+            for r in conn.execute("select name from airatings.schema_migrations order by version")
+        ]
 
 
 def test_migrate_twice_is_idempotent(make_cfg):
