@@ -24,10 +24,21 @@ AIRATINGS = str(Path(sys.executable).parent / "airatings")
 
 @pytest.fixture(scope="session")
 def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """One embedded PostgreSQL for the whole session (or TEST_DATABASE_URL if given)."""
+    """One embedded PostgreSQL for the whole session.
+
+    TEST_DATABASE_URL=<url> uses a server you run; TEST_POSTGRES=testcontainers starts one in
+    Docker (where there is an engine).
+    """
     external = os.environ.get("TEST_DATABASE_URL")
     if external:
         yield external
+        return
+    if os.environ.get("TEST_POSTGRES") == "testcontainers":
+        # Opt-in, needs a Docker engine (not available on the project's CI machines).
+        from testcontainers.postgres import PostgresContainer
+
+        with PostgresContainer("postgres:18-alpine", driver=None) as pg:
+            yield pg.get_connection_url()
         return
     pgdata = tmp_path_factory.mktemp("pg") / "data"
     pgdata.mkdir()
