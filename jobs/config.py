@@ -106,6 +106,14 @@ class CacheConfig(_Section):
     train_short_side: int = Field(256, ge=32, le=4096)
     jpeg_quality: int = Field(92, ge=50, le=100)
     failure_rate_limit: float = Field(0.2, ge=0, le=1)
+    # Exact "<ip>:<port>" targets allowed although not public (a local mirror, a test server);
+    # everything else private stays refused. allow_private_networks opens all of them.
+    allowed_private_hosts: tuple[Annotated[str, Field(pattern=r"^(\[[0-9a-fA-F:.]+\]|[0-9.]+):\d{1,5}$")], ...] = ()
+    # file:// URLs (allow_file_urls) are read only below this directory; None: paths.data_dir.
+    file_root: Path | None = None
+    # CPU threads for decode/validate/resize (None: the CPUs this process may use).
+    cpu_workers: int | None = Field(None, ge=1, le=256)
+    progress_every_s: float = Field(10.0, gt=0)
 
 
 class TrainConfig(_Section):
@@ -128,6 +136,16 @@ class TrainConfig(_Section):
     num_workers: int = Field(2, ge=0, le=64)
     threads: int | None = Field(None, ge=1, le=256)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # distribution target: each person's rating becomes a discrete Gaussian (this sigma, in
+    # rating steps) over the bins 0..5 before averaging; 0 = the raw histogram.
+    hist_smoothing_sigma: float = Field(0.5, ge=0, le=5)
+    # Augmentation (train split only): random-resized crop keeping >= this share of the frame
+    # (aspect ratio within +-aug_ratio_jitter of the frame's), h-flip, brightness/contrast.
+    # No hue/saturation jitter: colour is what people rate.
+    aug_min_scale: float = Field(0.85, gt=0, le=1)
+    aug_ratio_jitter: float = Field(0.05, ge=0, lt=1)
+    aug_brightness: float = Field(0.1, ge=0, lt=1)
+    aug_contrast: float = Field(0.1, ge=0, lt=1)
 
 
 class EvaluateConfig(_Section):
@@ -136,6 +154,9 @@ class EvaluateConfig(_Section):
     bootstrap_samples: int = Field(1000, ge=10, le=100_000)
     ci_level: float = Field(0.95, gt=0.5, lt=1)
     seed: int = Field(7, ge=0)
+    # Another run's model version to compare with on the same test rows (paired bootstrap).
+    compare_to: str | None = None
+    batch_size: int = Field(64, ge=1, le=4096)
 
 
 class DemoConfig(_Section):
@@ -147,8 +168,31 @@ class DemoConfig(_Section):
     raters: int = Field(120, ge=2, le=1_000_000)
     days: int = Field(42, ge=1, le=3650)
     dead_url_rate: float = Field(0.03, ge=0, le=1)
+    # Corrupt files: half truncated JPEGs, half HTML error pages saved as .jpg.
     corrupt_rate: float = Field(0.01, ge=0, le=1)
     null_url_rate: float = Field(0.01, ge=0, le=1)
+    empty_url_rate: float = Field(0.005, ge=0, le=1)
+    # Webcams (the last ones) whose image files are all missing.
+    missing_image_webcams: int = Field(1, ge=0, le=100_000)
+    # Exact copies of existing rating rows under a new id (dbt must dedupe them).
+    duplicate_ratings: int = Field(1, ge=0, le=1000)
+    rater_bias_sd: float = Field(0.4, ge=0, le=5)
+    rater_noise_min: float = Field(0.6, ge=0, le=5)
+    rater_noise_max: float = Field(0.8, ge=0, le=5)
+    jpeg_quality: int = Field(88, ge=50, le=100)
+    # Rendering processes (numpy + PIL per image); 1 renders in the calling process.
+    workers: int = Field(2, ge=1, le=256)
+
+    @model_validator(mode="after")
+    def _check_world(self) -> DemoConfig:
+        if self.rater_noise_min > self.rater_noise_max:
+            raise ValueError("rater_noise_min must not exceed rater_noise_max")
+        if self.missing_image_webcams >= self.webcams:
+            raise ValueError("missing_image_webcams must leave at least one webcam with images")
+        rates = self.dead_url_rate + self.corrupt_rate + self.null_url_rate + self.empty_url_rate
+        if rates > 0.5:
+            raise ValueError(f"fault rates add up to {rates:g}; at most 0.5 keeps the world usable")
+        return self
 
 
 class Config(BaseModel):

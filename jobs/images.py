@@ -6,8 +6,14 @@ mirrors ``preprocess`` from the model card.
 
 from __future__ import annotations
 
+import io
+import os
+import struct
+import warnings
+from typing import Any
+
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 # Preprocessing contract (recorded in the model card): the full frame, no centre crop (the
 # sky's edges matter), resized (aspect not kept) to size x size with bilinear filtering, RGB
@@ -24,3 +30,160 @@ def preprocess(img: Image.Image, size: int) -> np.ndarray:
     if img.size != (size, size):
         img = img.resize((size, size), RESAMPLE)
     return np.asarray(img, dtype=np.uint8)
+
+
+# ---- decode -> validate -> normalise ---------------------------------------------------------
+#
+# Images come from URLs in a database people write to: every body is untrusted. ``load_image``
+# is the one gate (RELIABILITY.md 13-15): magic bytes first, then Pillow restricted to the
+# formats we accept, a pixel cap of our own checked on the header before any pixel is decoded,
+# DecompressionBombWarning raised as an error, a full ``load()`` (``verify()`` passes truncated
+# JPEGs), EXIF orientation applied, and every mode normalised to the same 3-channel uint8 RGB.
+# Never turn on ``ImageFile.LOAD_TRUNCATED_IMAGES`` nor switch off ``Image.MAX_IMAGE_PIXELS``.
+
+ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF")
+# Transparent pixels are composited on this fixed background (recorded with the preprocessing
+# contract so the Node scorer does the same), not dropped by convert('RGB').
+BACKGROUND_RGB = (255, 255, 255)
+EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif"}
+
+# Why an image was refused; these strings are recorded in failures.parquet.
+REASONS = ("not_an_image", "unsupported_format", "truncated", "decompression_bomb", "corrupt")
+
+
+class ImageRejected(Exception):
+    """The bytes are not an acceptable picture. ``reason`` is one of ``REASONS``."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+def sniff_format(head: bytes) -> str | None:
+    """The image format from the first bytes (magic numbers), or None if not a known image."""
+    if head[:3] == b"\xff\xd8\xff":
+        return "JPEG"
+    if head[:8] == b"\x89PNG\r\n\x1a\n":
+        return "PNG"
+    if head[:6] in (b"GIF87a", b"GIF89a"):
+        return "GIF"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    return None
+
+
+def _draft_target(size: tuple[int, int], short_side: int) -> tuple[int, int]:
+    w, h = size
+    scale = short_side / min(w, h)
+    return max(1, int(w * scale)), max(1, int(h * scale))
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any decoded mode -> 3-channel uint8 RGB (the one normalisation shared by all callers).
+
+    16-bit and 32-bit greyscale are scaled (not clipped) to 8 bits; transparency (RGBA, LA, PA,
+    P with a transparent index) is composited on ``BACKGROUND_RGB``; CMYK, YCbCr, L, 1 and P
+    are converted by Pillow.
+    """
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if mode.startswith("I;16") else max(float(arr.max(initial=0.0)), 1.0)
+        if mode != "F" and not mode.startswith("I;16") and top <= 255:
+            top = 255.0
+        arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, "L").convert("RGB")
+    has_alpha = (
+        mode in ("RGBA", "LA", "PA", "RGBa", "La")
+        or (mode == "P" and "transparency" in img.info)
+        or (mode in ("L", "RGB") and "transparency" in img.info)
+    )
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (*BACKGROUND_RGB, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def load_image(
+    data: bytes | str | os.PathLike,
+    *,
+    max_pixels: int,
+    formats: tuple[str, ...] | list[str] = ACCEPTED_FORMATS,
+    draft_short_side: int | None = None,
+) -> Image.Image:
+    """Decode, validate and normalise one untrusted image -> an RGB ``PIL.Image``.
+
+    ``data`` is the raw bytes or a path to them. ``draft_short_side`` lets JPEG decode at a
+    reduced DCT scale whose shorter side is still >= that many pixels (``Image.draft``): the
+    whole bitstream is still entropy-decoded, so truncation is caught, at a fraction of the
+    cost. Raises ``ImageRejected(reason)``.
+    """
+    if isinstance(data, bytes | bytearray | memoryview):
+        head = bytes(data[:16])
+        fp: Any = io.BytesIO(data)
+    else:
+        with open(data, "rb") as f:
+            head = f.read(16)
+        fp = data
+    fmt = sniff_format(head)
+    if fmt is None:
+        raise ImageRejected("not_an_image", "no known image signature")
+    if fmt not in formats:
+        raise ImageRejected("unsupported_format", f"{fmt} is not accepted")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            with Image.open(fp, formats=list(formats)) as opened:
+                img = opened
+                w, h = img.size
+                if w < 1 or h < 1:
+                    raise ImageRejected("corrupt", f"size {w}x{h}")
+                if w * h > max_pixels:
+                    raise ImageRejected(
+                        "decompression_bomb", f"{w}x{h} is over {max_pixels} pixels"
+                    )
+                if getattr(img, "n_frames", 1) > 1:
+                    img.seek(0)  # animated: the first frame
+                if draft_short_side and img.format == "JPEG" and min(w, h) > draft_short_side:
+                    img.draft("RGB", _draft_target((w, h), draft_short_side))
+                img.load()
+                img = ImageOps.exif_transpose(img) or img
+                out = to_rgb(img)
+                return out.copy() if out is opened else out
+        except ImageRejected:
+            raise
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+            raise ImageRejected("decompression_bomb", str(exc)) from None
+        except UnidentifiedImageError as exc:
+            raise ImageRejected("not_an_image", str(exc)) from None
+        except (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError) as exc:
+            text = str(exc)
+            if "truncated" in text or isinstance(exc, EOFError) or "end of file" in text.lower():
+                raise ImageRejected("truncated", text) from None
+            raise ImageRejected("corrupt", text) from None
+
+
+def resize_short_side(img: Image.Image, short_side: int) -> Image.Image:
+    """Scale so the shorter side is ``short_side`` (never upscales), aspect kept."""
+    w, h = img.size
+    if min(w, h) <= short_side:
+        return img
+    # Bilinear (antialiased when shrinking in Pillow) like the preprocessing contract; the
+    # training pipeline resizes this copy again, so a costlier filter buys nothing measurable.
+    return img.resize(_draft_target((w, h), short_side), RESAMPLE)
+
+
+def encode_jpeg(img: Image.Image, quality: int) -> bytes:
+    buf = io.BytesIO()
+    img.save(
+        buf,
+        "JPEG",
+        quality=quality,
+        optimize=False,
+        subsampling="4:4:4" if quality >= 90 else "4:2:0",
+    )
+    return buf.getvalue()

@@ -1,0 +1,755 @@
+"""`airatings cache`: a local, content-addressed image cache for a run's manifests.
+
+Reads the run's export manifests, downloads each distinct URL once (``jobs.fetch``: URL
+policy, limits, retries), validates every body with ``jobs.images.load_image`` (one decode,
+JPEG in draft mode, which also yields the training-size copy), and stores:
+
+- originals at ``<artifacts>/images/original/<aa>/<sha256>.<ext>`` (streamed to a temp file
+  while hashed, validated, then renamed; names never derive from database strings),
+- training copies at ``<artifacts>/images/train<short_side>/<aa>/<sha256>.jpg``,
+- the URL -> sha256 index in the ``image_cache`` table (migration 0010), so a re-run, another
+  shard or the next run makes zero requests for what is cached,
+
+then per run ``<artifacts>/runs/<model_version>/failures.parquet`` and the active manifests
+``active/manifest_{train,val,test}.parquet`` (export columns + ``image_sha256``,
+``image_path``, ``train_image_path``), and moves the run to ``cached``. A failure rate over
+``cache.failure_rate_limit`` fails the job (exit 2) naming the dominant reasons.
+
+Sharding (a Kubernetes Indexed Job): ``--shard I/N`` or ``JOB_COMPLETION_INDEX`` +
+``JOB_COMPLETIONS`` take a stable hash partition of the distinct URLs and write
+``cache_shards/<I>-of-<N>.parquet``; ``airatings cache --merge`` combines them. Unsharded is
+shard 0/1 followed by the merge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import sys
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from jobs import db, runs
+from jobs.artifacts import atomic_path, sweep_temp, temp_path_for
+from jobs.errors import InputError
+from jobs.logs import bind, get_logger
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from jobs.config import Config
+    from jobs.fetch import Fetcher
+
+SPLITS = ("train", "val", "test")
+SHARD_DIR = "cache_shards"
+_LOGGED_FAILURES = 50  # individual failure events logged per shard; the rest only counted
+
+
+# ---- paths -------------------------------------------------------------------------------------
+
+
+def images_dir(cfg: Config) -> Path:
+    return cfg.artifacts_dir / "images"
+
+
+def original_rel(sha: str, ext: str) -> str:
+    return f"images/original/{sha[:2]}/{sha}.{ext}"
+
+
+def train_rel(sha: str, short_side: int) -> str:
+    return f"images/train{short_side}/{sha[:2]}/{sha}.jpg"
+
+
+def url_key(url: str) -> str:
+    return hashlib.sha256(url.encode("utf-8")).hexdigest()
+
+
+# ---- shards ------------------------------------------------------------------------------------
+
+
+def parse_shard(shard: str | None, env: dict[str, str] | os._Environ[str]) -> tuple[int, int]:
+    """``I/N`` (or JOB_COMPLETION_INDEX + JOB_COMPLETIONS) -> (index, count); none -> (0, 1)."""
+    if shard is None:
+        idx, total = env.get("JOB_COMPLETION_INDEX"), env.get("JOB_COMPLETIONS")
+        if idx is None and total is None:
+            return 0, 1
+        if idx is None or total is None:
+            raise InputError(
+                "sharded cache needs both JOB_COMPLETION_INDEX and JOB_COMPLETIONS "
+                f"(got index={idx!r}, completions={total!r}); or pass --shard I/N"
+            )
+        shard, origin = f"{idx}/{total}", "JOB_COMPLETION_INDEX/JOB_COMPLETIONS"
+    else:
+        origin = "--shard"
+    i_text, sep, n_text = shard.strip().partition("/")
+    if not sep or not i_text.strip().isdigit() or not n_text.strip().isdigit():
+        raise InputError(f"{origin}: expected I/N with 0 <= I < N, got {shard!r}")
+    i, n = int(i_text), int(n_text)
+    if n < 1 or not 0 <= i < n:
+        raise InputError(f"{origin}: shard index {i} is out of range for {n} shards (0..{n - 1})")
+    return i, n
+
+
+def shard_of(url: str, count: int) -> int:
+    """Stable partition: the same URL lands in the same shard on every machine and run."""
+    return int(url_key(url)[:16], 16) % count
+
+
+def shard_path(cfg: Config, model_version: str, i: int, n: int) -> Path:
+    return runs.run_dir(cfg, model_version) / SHARD_DIR / f"{i}-of-{n}.parquet"
+
+
+# ---- manifests ---------------------------------------------------------------------------------
+
+
+def _dataset_dir(cfg: Config, run: runs.Run) -> Path:
+    export = run.params.get("export") or {}
+    if export.get("dataset_dir"):
+        return Path(export["dataset_dir"])
+    if run.dataset_hash:
+        return runs.dataset_dir(cfg, run.dataset_hash)
+    raise InputError(
+        f"run {run.model_version} records no dataset directory; re-run 'airatings export'"
+    )
+
+
+def read_manifests(cfg: Config, run: runs.Run) -> dict[str, pa.Table]:
+    import pyarrow.parquet as pq
+
+    directory = _dataset_dir(cfg, run)
+    out = {}
+    for split in SPLITS:
+        path = directory / f"manifest_{split}.parquet"
+        if not path.is_file():
+            raise InputError(
+                f"{path} is missing; the export of run {run.model_version} is incomplete"
+            )
+        try:
+            table = pq.read_table(path)
+        except Exception as exc:  # pyarrow raises several types for a bad file
+            raise InputError(f"{path} is not a readable Parquet file: {exc}") from None
+        for col in ("snapshot_id", "firebase_url"):
+            if col not in table.column_names:
+                raise InputError(f"{path} has no column {col!r}")
+        out[split] = table
+    return out
+
+
+def active_paths(cfg: Config, model_version: str) -> dict[str, Path]:
+    active = runs.run_dir(cfg, model_version) / "active"
+    return {s: active / f"manifest_{s}.parquet" for s in SPLITS}
+
+
+# ---- the URL index (migration 0010) -----------------------------------------------------------
+
+
+class ImageIndex:
+    """URL -> (sha256, ext, bytes) in ``image_cache``; one connection, batched upserts."""
+
+    def __init__(self, cfg: Config, conn: Any) -> None:
+        self.cfg = cfg
+        self.conn = conn
+        self.table = runs.table(cfg, "image_cache")
+
+    def lookup(self, urls: list[str]) -> dict[str, tuple[str, str, int]]:
+        from psycopg import sql
+
+        keys = {url_key(u): u for u in urls}
+        out: dict[str, tuple[str, str, int]] = {}
+        q = sql.SQL(
+            "select url_key, url, sha256, ext, bytes from {} where url_key = any(%s)"
+        ).format(self.table)
+        key_list = list(keys)
+        for start in range(0, len(key_list), 20_000):
+            for k, url, sha, ext, size in self.conn.execute(q, (key_list[start : start + 20_000],)):
+                if keys.get(k) == url:
+                    out[url] = (sha, ext, size)
+        return out
+
+    def upsert(self, rows: list[tuple[str, str, str, int, int, int]]) -> None:
+        """rows: (url, sha256, ext, bytes, width, height)."""
+        if not rows:
+            return
+        from psycopg import sql
+
+        q = sql.SQL(
+            "insert into {} (url_key, url, sha256, ext, bytes, width, height) values (%s, %s, %s, %s, %s, %s, %s)"
+            " on conflict (url_key) do update set url = excluded.url, sha256 = excluded.sha256,"
+            " ext = excluded.ext, bytes = excluded.bytes, width = excluded.width,"
+            " height = excluded.height, cached_at = now()"
+        ).format(self.table)
+        with self.conn.transaction(), self.conn.cursor() as cur:
+            cur.executemany(q, [(url_key(r[0]), *r) for r in rows])
+
+
+# ---- caching one URL --------------------------------------------------------------------------
+
+
+@dataclass
+class UrlResult:
+    url: str
+    sha256: str | None = None
+    ext: str | None = None
+    reason: str | None = None
+    attempts: int = 0
+    bytes: int = 0
+    from_index: bool = False
+
+
+@dataclass
+class StoreParams:
+    root: Path  # the artifacts dir
+    max_pixels: int
+    formats: tuple[str, ...]
+    short_side: int
+    quality: int
+
+
+def _head_check(formats: tuple[str, ...]) -> Any:
+    from jobs.images import sniff_format
+
+    def check(head: bytes) -> str | None:
+        fmt = sniff_format(head)
+        if fmt is None:
+            return "not_an_image"
+        if fmt not in formats:
+            return "unsupported_format"
+        return None
+
+    return check
+
+
+def _write_image_file(final: Path, data: bytes) -> None:
+    """Temp file in the same directory, then rename: a killed process never leaves a partial
+    file at ``final``. No fsync per image (tens of thousands of them): after a power loss the
+    index check on resume (original size must match) re-fetches what did not survive."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path_for(final)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, final)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def store_image(tmp: Path, sha: str, p: StoreParams) -> tuple[str, int, int]:
+    """Validate the body in ``tmp`` (one decode), write the training copy, move the original to
+    its content address. Returns (ext, width, height) of the stored picture; raises
+    ``ImageRejected``. Runs in a worker thread (Pillow releases the GIL while decoding)."""
+    from jobs.images import EXTENSIONS, encode_jpeg, load_image, resize_short_side, sniff_format
+
+    try:
+        with open(tmp, "rb") as f:
+            fmt = sniff_format(f.read(16))
+        img = load_image(
+            tmp, max_pixels=p.max_pixels, formats=p.formats, draft_short_side=p.short_side
+        )
+        ext = EXTENSIONS[fmt]  # type: ignore[index]  # load_image refused unknown formats
+        train_final = p.root / train_rel(sha, p.short_side)
+        if not train_final.exists():
+            _write_image_file(
+                train_final, encode_jpeg(resize_short_side(img, p.short_side), p.quality)
+            )
+        orig_final = p.root / original_rel(sha, ext)
+        orig_final.parent.mkdir(parents=True, exist_ok=True)
+        # Same filesystem (tmp lies in images/original/): the rename is atomic; the file at
+        # the final name is always complete and already validated.
+        os.replace(tmp, orig_final)
+        return ext, img.width, img.height
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def regenerate_train_copy(sha: str, ext: str, p: StoreParams) -> None:
+    """The original is cached but this training size is not (short_side changed)."""
+    from jobs.images import encode_jpeg, load_image, resize_short_side
+
+    img = load_image(
+        p.root / original_rel(sha, ext),
+        max_pixels=p.max_pixels,
+        formats=p.formats,
+        draft_short_side=p.short_side,
+    )
+    _write_image_file(
+        p.root / train_rel(sha, p.short_side),
+        encode_jpeg(resize_short_side(img, p.short_side), p.quality),
+    )
+
+
+class _Progress:
+    """tqdm on a TTY (files, MB, rate, failures); periodic structured events otherwise."""
+
+    def __init__(self, total: int, every_s: float, log: Any) -> None:
+        self.total, self.every_s, self.log = total, every_s, log
+        self.done = self.failed = self.bytes = 0
+        self.started = self.last = time.monotonic()
+        self.bar = None
+        if sys.stderr.isatty() and total:
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=total, unit="img", desc="caching", file=sys.stderr, dynamic_ncols=True
+            )
+
+    def update(self, result: UrlResult) -> None:
+        self.done += 1
+        self.bytes += result.bytes
+        self.failed += result.reason is not None
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(MB=f"{self.bytes / 1e6:.1f}", failed=self.failed, refresh=False)
+            return
+        now = time.monotonic()
+        if now - self.last >= self.every_s:
+            self.last = now
+            elapsed = now - self.started
+            self.log.info(
+                "images_progress",
+                done=self.done,
+                total=self.total,
+                failed=self.failed,
+                mb=round(self.bytes / 1e6, 1),
+                files_per_s=round(self.done / max(elapsed, 1e-9), 1),
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+async def cache_urls(
+    cfg: Config,
+    urls: list[str],
+    *,
+    index: ImageIndex | None = None,
+    fetcher: Fetcher | None = None,
+    flush_every: int = 256,
+) -> tuple[dict[str, UrlResult], dict[str, Any]]:
+    """Cache each URL once. Returns per-URL results and counters (requests, bytes, from_index).
+
+    With an ``index``, URLs already cached (index hit and both files present) cost no request;
+    new entries are upserted in batches as they complete, so a killed run keeps its progress.
+    """
+    from jobs.fetch import Fetcher, FetchFailed, os_cpu_count
+    from jobs.images import ImageRejected
+
+    log = get_logger()
+    c = cfg.cache
+    params = StoreParams(
+        cfg.artifacts_dir, c.max_pixels, tuple(c.formats), c.train_short_side, c.jpeg_quality
+    )
+    incoming = cfg.artifacts_dir / "images" / "original"
+    results: dict[str, UrlResult] = {}
+    known = index.lookup(urls) if index is not None else {}
+    to_fetch: list[str] = []
+    regen: list[tuple[str, str, str]] = []
+    for url in urls:
+        hit = known.get(url)
+        if hit is not None:
+            sha, ext, size = hit
+            orig = params.root / original_rel(sha, ext)
+            try:
+                ok = orig.stat().st_size == size
+            except FileNotFoundError:
+                ok = False
+            if ok:
+                results[url] = UrlResult(url, sha, ext, attempts=0, from_index=True)
+                if not (params.root / train_rel(sha, params.short_side)).exists():
+                    regen.append((url, sha, ext))
+                continue
+        to_fetch.append(url)
+
+    pool = ThreadPoolExecutor(
+        max_workers=c.cpu_workers or os_cpu_count(), thread_name_prefix="cache-cpu"
+    )
+    loop = asyncio.get_running_loop()
+    pending_rows: list[tuple[str, str, str, int, int, int]] = []
+    db_lock = asyncio.Lock()
+    progress = _Progress(len(to_fetch) + len(regen), c.progress_every_s, log)
+    logged = 0
+
+    async def flush(force: bool = False) -> None:
+        if index is None or not pending_rows or (len(pending_rows) < flush_every and not force):
+            return
+        async with db_lock:
+            batch = pending_rows[:]
+            del pending_rows[: len(batch)]
+            await asyncio.to_thread(index.upsert, batch)
+
+    def record_failure(res: UrlResult, exc: Exception) -> None:
+        nonlocal logged
+        from jobs.fetch import redact_url
+
+        if logged < _LOGGED_FAILURES:
+            logged += 1
+            log.info(
+                "image_failed",
+                url=redact_url(res.url),
+                reason=res.reason,
+                attempts=res.attempts,
+                detail=str(getattr(exc, "detail", ""))[:200],
+            )
+
+    own_fetcher = fetcher is None
+    fetcher = fetcher or Fetcher.from_config(cfg)
+    sem = asyncio.Semaphore(c.concurrency)
+    head_check = _head_check(tuple(c.formats))
+
+    async def one(url: str) -> None:
+        res = UrlResult(url)
+        async with sem:
+            try:
+                got = await fetcher.fetch(url, incoming, head_check=head_check)
+                res.attempts, res.bytes = got.attempts, got.size
+                ext, w, h = await loop.run_in_executor(
+                    pool, store_image, got.path, got.sha256, params
+                )
+                res.sha256, res.ext = got.sha256, ext
+                pending_rows.append((url, got.sha256, ext, got.size, w, h))
+            except FetchFailed as exc:
+                res.reason, res.attempts = exc.reason, exc.attempts
+                record_failure(res, exc)
+            except ImageRejected as exc:
+                res.reason = exc.reason
+                record_failure(res, exc)
+        results[url] = res
+        progress.update(res)
+        await flush()
+
+    async def regen_one(url: str, sha: str, ext: str) -> None:
+        try:
+            await loop.run_in_executor(pool, regenerate_train_copy, sha, ext, params)
+        except ImageRejected as exc:  # the stored original no longer validates: fetch again
+            results[url] = UrlResult(url, reason=exc.reason)
+        progress.update(results[url])
+
+    try:
+        if own_fetcher:
+            await fetcher.__aenter__()
+        try:
+            await asyncio.gather(*(one(u) for u in to_fetch), *(regen_one(*r) for r in regen))
+        finally:
+            if own_fetcher:
+                await fetcher.__aexit__(None, None, None)
+        await flush(force=True)
+    finally:
+        progress.close()
+        pool.shutdown(wait=True, cancel_futures=True)
+    stats = {
+        "urls": len(urls),
+        "from_index": len(urls) - len(to_fetch),
+        "fetched": len(to_fetch),
+        "train_copies_regenerated": len(regen),
+        "requests": fetcher.stats.requests,
+        "files_read": fetcher.stats.files_read,
+        "retries": fetcher.stats.retries,
+        "bytes": fetcher.stats.bytes,
+    }
+    return results, stats
+
+
+# ---- shard results and the merge --------------------------------------------------------------
+
+
+def _write_parquet(table: pa.Table, final: Path) -> None:
+    import pyarrow.parquet as pq
+
+    def check(p: Path) -> None:
+        meta = pq.read_metadata(p)  # a footerless file raises here
+        if meta.num_rows != table.num_rows:
+            raise InputError(f"{final}: wrote {meta.num_rows} rows, expected {table.num_rows}")
+
+    with atomic_path(final, check=check) as tmp:
+        pq.write_table(table, tmp)
+
+
+def _results_table(results: dict[str, UrlResult]) -> pa.Table:
+    import pyarrow as pa
+
+    rows = sorted(results.values(), key=lambda r: r.url)
+    return pa.table(
+        {
+            "url": pa.array([r.url for r in rows], pa.string()),
+            "image_sha256": pa.array([r.sha256 for r in rows], pa.string()),
+            "ext": pa.array([r.ext for r in rows], pa.string()),
+            "reason": pa.array([r.reason for r in rows], pa.string()),
+            "attempts": pa.array([r.attempts for r in rows], pa.int32()),
+            "bytes": pa.array([r.bytes for r in rows], pa.int64()),
+            "from_index": pa.array([r.from_index for r in rows], pa.bool_()),
+        }
+    )
+
+
+def _complete_shard_set(cfg: Config, run: runs.Run) -> list[Path]:
+    directory = runs.run_dir(cfg, run.model_version) / SHARD_DIR
+    by_count: dict[int, dict[int, Path]] = {}
+    for p in directory.glob("*-of-*.parquet") if directory.exists() else []:
+        i_text, _, n_text = p.stem.partition("-of-")
+        if i_text.isdigit() and n_text.isdigit():
+            by_count.setdefault(int(n_text), {})[int(i_text)] = p
+    complete = {n: files for n, files in by_count.items() if set(files) == set(range(n))}
+    if not complete:
+        if not by_count:
+            raise InputError(
+                f"no cache shard outputs for run {run.model_version}; run 'airatings cache --shard I/N' "
+                "for every shard (or 'airatings cache' unsharded) first"
+            )
+        n, files = max(by_count.items(), key=lambda kv: len(kv[1]))
+        missing = sorted(set(range(n)) - set(files))
+        raise InputError(
+            f"cache shards {missing} of {n} have not finished for run {run.model_version}; run them, then --merge"
+        )
+    # Several complete sets (re-sharded): the newest one wins.
+    n = max(complete, key=lambda k: max(p.stat().st_mtime for p in complete[k].values()))
+    return [complete[n][i] for i in range(n)]
+
+
+def merge_shards(
+    cfg: Config,
+    run: runs.Run,
+    manifests: dict[str, pa.Table] | None = None,
+    *,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Shard results + manifests -> failures.parquet, active manifests, status 'cached'."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from jobs.fetch import redact_url
+
+    log = get_logger()
+    manifests = manifests or read_manifests(cfg, run)
+    shard_files = _complete_shard_set(cfg, run)
+    results: dict[str, tuple[str | None, str | None, str | None, int]] = {}
+    for path in shard_files:
+        t = pq.read_table(path).to_pydict()
+        for url, sha, ext, reason, attempts in zip(
+            t["url"], t["image_sha256"], t["ext"], t["reason"], t["attempts"], strict=True
+        ):
+            results[url] = (sha, ext, reason, attempts)
+
+    short = cfg.cache.train_short_side
+    fail_cols: dict[str, list] = {
+        k: [] for k in ("snapshot_id", "split", "url", "reason", "attempts")
+    }
+    actives: dict[str, pa.Table] = {}
+    counts: dict[str, dict[str, int]] = {}
+    for split, table in manifests.items():
+        keep, shas, origs, trains = [], [], [], []
+        for row, (sid, url) in enumerate(
+            zip(
+                table.column("snapshot_id").to_pylist(),
+                table.column("firebase_url").to_pylist(),
+                strict=True,
+            )
+        ):
+            sha = ext = None
+            if not url:
+                reason, attempts = "missing_url", 0
+            elif url not in results:
+                reason, attempts = "not_in_shards", 0
+            else:
+                sha, ext, reason, attempts = results[url]
+            if sha is not None and ext is not None:
+                keep.append(row)
+                shas.append(sha)
+                origs.append(original_rel(sha, ext))
+                trains.append(train_rel(sha, short))
+            else:
+                fail_cols["snapshot_id"].append(sid)
+                fail_cols["split"].append(split)
+                fail_cols["url"].append(redact_url(url))
+                fail_cols["reason"].append(reason or "unknown")
+                fail_cols["attempts"].append(attempts)
+        active = table.take(pa.array(keep, pa.int64()))
+        active = active.append_column("image_sha256", pa.array(shas, pa.string()))
+        active = active.append_column("image_path", pa.array(origs, pa.string()))
+        active = active.append_column("train_image_path", pa.array(trains, pa.string()))
+        active = active.take(pc.sort_indices(active, [("snapshot_id", "ascending")]))
+        actives[split] = active
+        counts[split] = {
+            "rows": table.num_rows,
+            "active": active.num_rows,
+            "failed": table.num_rows - active.num_rows,
+        }
+
+    failures = pa.table(
+        {
+            "snapshot_id": pa.array(fail_cols["snapshot_id"], pa.int64()),
+            "split": pa.array(fail_cols["split"], pa.string()),
+            "url": pa.array(fail_cols["url"], pa.string()),
+            "reason": pa.array(fail_cols["reason"], pa.string()),
+            "attempts": pa.array(fail_cols["attempts"], pa.int32()),
+        }
+    )
+    failures = failures.take(pc.sort_indices(failures, [("snapshot_id", "ascending")]))
+    out_dir = runs.run_dir(cfg, run.model_version)
+    failures_path = out_dir / "failures.parquet"
+    _write_parquet(failures, failures_path)
+
+    total = sum(c["rows"] for c in counts.values())
+    failed = failures.num_rows
+    reasons = dict(Counter(fail_cols["reason"]).most_common())
+    rate = failed / total if total else 1.0
+    if total == 0:
+        raise InputError(f"run {run.model_version}: the manifests have no rows; nothing to cache")
+    if rate > cfg.cache.failure_rate_limit:
+        top = ", ".join(f"{k} {v}" for k, v in list(reasons.items())[:5])
+        raise InputError(
+            f"{failed} of {total} images failed ({rate:.1%} > cache.failure_rate_limit "
+            f"{cfg.cache.failure_rate_limit:.0%}); dominant reasons: {top}. See {failures_path}. "
+            "Fix the source (or raise the limit) and re-run; already cached images are not fetched again."
+        )
+    for split, path in active_paths(cfg, run.model_version).items():
+        _write_parquet(actives[split], path)
+
+    summary = {
+        "rows": total,
+        "active_rows": total - failed,
+        "failed_rows": failed,
+        "failure_rate": round(rate, 6),
+        "failure_reasons": reasons,
+        "splits": counts,
+        "shards": len(shard_files),
+        "active_dir": str(out_dir / "active"),
+        "failures_path": str(failures_path),
+        "images_dir": str(images_dir(cfg)),
+        "train_short_side": short,
+        **(extra or {}),
+    }
+    with db.connect(cfg) as conn:
+        runs.set_status(conn, cfg, run.id, "cached", step="cache", summary=summary)
+    log.info(
+        "active_manifests_written",
+        rows=total,
+        active_rows=total - failed,
+        failed_rows=failed,
+        failure_rate=round(rate, 4),
+        active_dir=summary["active_dir"],
+    )
+    return summary
+
+
+# ---- the job -----------------------------------------------------------------------------------
+
+
+def _already_cached(cfg: Config, run: runs.Run) -> bool:
+    return run.reached("cached") and all(
+        p.is_file() for p in active_paths(cfg, run.model_version).values()
+    )
+
+
+def _distinct_urls(manifests: dict[str, pa.Table]) -> list[str]:
+    seen: set[str] = set()
+    for table in manifests.values():
+        seen.update(u for u in table.column("firebase_url").to_pylist() if u)
+    return sorted(seen)
+
+
+def _get_run(cfg: Config, ref: str | int) -> runs.Run:
+    with db.connect(cfg) as conn:
+        return runs.get_run(conn, cfg, ref)
+
+
+def run(
+    cfg: Config,
+    run: str | int = "latest",
+    shard: str | None = None,
+    merge: bool = False,
+    *,
+    env: dict[str, str] | None = None,
+    fetcher: Fetcher | None = None,
+) -> dict[str, Any]:
+    """Cache the run's images (this shard's share), then (unsharded, or ``merge``) write the
+    failures and active manifests and move the run to ``cached``."""
+    log = get_logger()
+    started = time.monotonic()
+    if merge and shard is not None:
+        raise InputError("--merge combines all shards; do not pass --shard with it")
+    i, n = (0, 1) if merge else parse_shard(shard, os.environ if env is None else env)
+    r = _get_run(cfg, run)
+    runs.require(r, "exported")
+    bind(run_id=r.id, model_version=r.model_version)
+    base = {"run_id": r.id, "model_version": r.model_version}
+
+    if merge or n == 1:
+        lock_parts: tuple[Any, ...] = ("cache", r.id)
+    else:
+        lock_parts = ("cache", r.id, "shard", i, n)
+    with db.job_lock(cfg, *lock_parts) as held:
+        if not held:
+            msg = "another cache job holds the lock for this run (and shard); nothing to do"
+            log.info("cache_skipped", reason=msg)
+            return {**base, "status": "skipped", "reason": msg}
+        r = _get_run(cfg, r.id)  # re-read under the lock: a finished twin may have moved it
+        if _already_cached(cfg, r) and (merge or n == 1):
+            log.info(
+                "cache_already_done", active_dir=str(runs.run_dir(cfg, r.model_version) / "active")
+            )
+            return {
+                **base,
+                "status": "already_done",
+                "active_dir": str(runs.run_dir(cfg, r.model_version) / "active"),
+            }
+
+        manifests = read_manifests(cfg, r)
+        if merge:
+            summary = merge_shards(cfg, r, manifests)
+            log.info(
+                "images_merged", **{k: v for k, v in summary.items() if not isinstance(v, dict)}
+            )
+            return {
+                **base,
+                "status": "cached",
+                **summary,
+                "seconds": round(time.monotonic() - started, 3),
+            }
+
+        swept = sweep_temp(images_dir(cfg), older_than_s=max(300.0, 2 * cfg.cache.total_timeout_s))
+        swept += sweep_temp(runs.run_dir(cfg, r.model_version))
+        all_urls = _distinct_urls(manifests)
+        urls = [u for u in all_urls if shard_of(u, n) == i] if n > 1 else all_urls
+        log.info("cache_started", urls=len(urls), shard=f"{i}/{n}", swept_temp_files=swept)
+        with db.connect(cfg, autocommit=True) as conn:
+            results, stats = asyncio.run(
+                cache_urls(cfg, urls, index=ImageIndex(cfg, conn), fetcher=fetcher)
+            )
+        out = shard_path(cfg, r.model_version, i, n)
+        _write_parquet(_results_table(results), out)
+        failed = Counter(res.reason for res in results.values() if res.reason)
+        shard_summary = {
+            **stats,
+            "shard": f"{i}/{n}",
+            "failed_urls": sum(failed.values()),
+            "shard_output": str(out),
+        }
+        log.info(
+            "images_cached",
+            **{k: v for k, v in shard_summary.items() if not isinstance(v, dict)},
+            failure_reasons=dict(failed),
+            seconds=round(time.monotonic() - started, 3),
+        )
+        if n > 1:
+            return {
+                **base,
+                "status": "shard_done",
+                **shard_summary,
+                "next": f"after all {n} shards: airatings cache --merge --run {r.model_version}",
+            }
+        summary = merge_shards(cfg, r, manifests, extra={"fetch": shard_summary})
+        return {
+            **base,
+            "status": "cached",
+            **summary,
+            "seconds": round(time.monotonic() - started, 3),
+        }

@@ -1,0 +1,308 @@
+# ruff: noqa: F811  (pytest fixtures imported from cache_fixtures are test parameters by design)
+"""`airatings cache` end to end: real Postgres (migrated), real loopback HTTP server, real files."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from cache_fixtures import (  # noqa: F401
+    Server,
+    cache_files,
+    http_server,
+    jpeg,
+    make_exported_run,
+    odd_images,
+    server,
+)
+from PIL import Image
+
+from jobs import cache, db, runs
+from jobs.errors import InputError
+
+CONTRACT = [
+    "snapshot_id",
+    "firebase_url",
+    "label_source",
+    "label_value",
+    "split",
+    "phase",
+    "captured_at",
+    "rating_count",
+    "is_good",
+    "webcam_id",
+    "region",
+    "source",
+    "rating_std",
+    "rating_hist",
+]
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def ccfg(make_cfg, server: Server):
+    """Baseline config allowing only the test server's exact address; fast retries."""
+
+    def build(**kw):
+        opts = {
+            "cache__allowed_private_hosts": f'["127.0.0.1:{server.port}"]',
+            "cache__max_attempts": 2,
+            "cache__backoff_base_s": 0,
+            "cache__total_timeout_s": 5,
+            "cache__max_bytes": 2_000_000,
+            "cache__max_pixels": 2_000_000,
+            **kw,
+        }
+        c = make_cfg(**opts)
+        db.migrate(c)
+        return c
+
+    return build
+
+
+def good_urls(srv: Server, n: int, prefix: str = "g") -> list[str]:
+    return [srv.add(f"{prefix}{i}.jpg", jpeg(640, 360, seed=i)) for i in range(n)]
+
+
+def read_failures(cfg, run) -> dict[int, str]:
+    t = pq.read_table(runs.run_dir(cfg, run.model_version) / "failures.parquet").to_pydict()
+    return dict(zip(t["snapshot_id"], t["reason"], strict=True))
+
+
+def test_cache_end_to_end(ccfg, server: Server) -> None:
+    cfg = ccfg(cache__failure_rate_limit=0.9)
+    good = good_urls(server, 12)
+    odd = [server.add(name, data, "image/png") for name, data in sorted(odd_images().items())]
+    bad = {
+        server.url("/status/404"): "http_404",
+        server.url("/status/410"): "http_410",
+        server.url("/status/500"): "http_500",
+        server.url("/html"): "not_an_image",
+        server.url("/json-as-jpeg"): "not_an_image",
+        server.add("trunc.jpg", jpeg(400, 300)[:4000]): "truncated",
+        server.add("bomb.jpg", jpeg(2000, 1500)): "decompression_bomb",  # 3 MP > 2 MP cap
+        server.url("/gzip-bomb"): "too_large",
+        server.url(f"/redirect?to=http://127.0.0.1:{server.port + 1}/x.jpg"): "blocked_url",
+        server.url("/redirect?to=file:///etc/passwd"): "blocked_url",
+        server.url("/loop/0"): "too_many_redirects",
+        "file:///etc/passwd": "blocked_url",
+        "http://169.254.169.254/latest/meta-data/": "blocked_url",
+        "http://[::ffff:127.0.0.1]/": "blocked_url",
+        "ftp://example.com/a.jpg": "blocked_url",
+    }
+    # The same URL on two snapshots is fetched once; a null URL is a recorded failure.
+    urls = [*good, good[0], *odd, *bad, None]
+    run = make_exported_run(cfg, urls)
+
+    summary = cache.run(cfg, run=run.model_version, env={})
+    assert summary["status"] == "cached"
+    assert summary["rows"] == len(urls) and summary["failed_rows"] == len(bad) + 1
+    assert server.hits["/img/g0.jpg"] == 1  # distinct URLs once
+    assert (
+        server.hits["/status/404"] == 1 and server.hits["/status/500"] == 2
+    )  # permanent vs retried
+
+    fails = read_failures(cfg, run)
+    by_url = {u: i + 1 for i, u in enumerate(urls) if u}
+    for url, reason in bad.items():
+        assert fails[by_url[url]] == reason, url
+    assert fails[len(urls)] == "missing_url"
+    failures = pq.read_table(runs.run_dir(cfg, run.model_version) / "failures.parquet")
+    assert set(failures.column_names) == {"snapshot_id", "split", "url", "reason", "attempts"}
+    assert "token" not in "".join(failures.column("url").to_pylist())
+
+    # Active manifests: the contract columns + the cache's, only the rows that cached, sorted.
+    active = {s: pq.read_table(p) for s, p in cache.active_paths(cfg, run.model_version).items()}
+    assert sum(t.num_rows for t in active.values()) == len(good) + 1 + len(odd)
+    for t in active.values():
+        assert t.column_names == [*CONTRACT, "image_sha256", "image_path", "train_image_path"]
+        ids = t.column("snapshot_id").to_pylist()
+        assert ids == sorted(ids) and not set(ids) & set(fails)
+        for sha, orig, train in zip(
+            *(t.column(c).to_pylist() for c in ("image_sha256", "image_path", "train_image_path")),
+            strict=True,
+        ):
+            assert (cfg.artifacts_dir / orig).is_file() and sha in orig and ".." not in orig
+            with Image.open(cfg.artifacts_dir / train) as im:
+                assert im.format == "JPEG" and min(im.size) == min(256, min(im.size))
+    g0 = cfg.artifacts_dir / cache.train_rel(active["train"].column("image_sha256")[0].as_py(), 256)
+    with Image.open(g0) as im:
+        assert im.size == (455, 256)  # 640x360 -> short side 256, aspect kept
+
+    # Nothing cached for any failure: one original + one training copy per good content, no temp files.
+    files = cache_files(cfg)
+    assert not [p for p in files if p.name.startswith(".tmp-")]
+    originals = [p for p in files if "/original/" in str(p)]
+    assert len(originals) == len(good) + len(odd)
+    assert len([p for p in files if "/train256/" in str(p)]) == len(good) + len(odd)
+
+    with db.connect(cfg) as conn:
+        r = runs.get_run(conn, cfg, run.id)
+        indexed = conn.execute("select count(*) from airatings.image_cache").fetchone()[0]
+    assert r.status == "cached" and r.params["cache"]["failed_rows"] == len(bad) + 1
+    assert r.params["cache"]["failure_reasons"]["blocked_url"] == 6
+    assert indexed == len(good) + len(odd)
+
+    # The same run again: already done, no requests.
+    server.reset()
+    again = cache.run(cfg, run=run.model_version, env={})
+    assert again["status"] == "already_done" and server.total_requests == 0
+
+
+def test_resume_makes_zero_requests(ccfg, server: Server) -> None:
+    cfg = ccfg()
+    urls = good_urls(server, 30, prefix="r")
+    first = cache.run(cfg, run=make_exported_run(cfg, urls).model_version, env={})
+    assert first["fetch"]["fetched"] == 30
+    # Lose one training copy (e.g. a changed volume): rebuilt from the original, no request.
+    sha = (
+        pq.read_table(first["active_dir"] + "/manifest_train.parquet")
+        .column("image_sha256")[0]
+        .as_py()
+    )
+    (cfg.artifacts_dir / cache.train_rel(sha, 256)).unlink()
+    server.reset()
+    run2 = make_exported_run(cfg, urls[::-1] + [None], version="test_v2_resume_2")
+    second = cache.run(cfg, run=run2.model_version, env={})
+    assert server.total_requests == 0
+    assert second["fetch"]["requests"] == 0 and second["fetch"]["from_index"] == 30
+    assert second["fetch"]["train_copies_regenerated"] == 1
+    assert (cfg.artifacts_dir / cache.train_rel(sha, 256)).is_file()
+    assert second["active_rows"] == 30
+
+
+def test_failure_rate_over_the_limit_fails_loudly(ccfg, server: Server) -> None:
+    cfg = ccfg(cache__failure_rate_limit=0.2)
+    urls = (
+        good_urls(server, 6, prefix="f")
+        + [server.url(f"/status/404?i={i}") for i in range(3)]
+        + [server.url("/html")]
+    )
+    run = make_exported_run(cfg, urls)
+    with pytest.raises(InputError) as err:
+        cache.run(cfg, run=run.model_version, env={})
+    msg = str(err.value)
+    assert "4 of 10 images failed" in msg and "http_404 3" in msg and "not_an_image 1" in msg
+    assert not any(p.exists() for p in cache.active_paths(cfg, run.model_version).values())
+    with db.connect(cfg) as conn:
+        assert runs.get_run(conn, cfg, run.id).status == "exported"
+    assert sorted(read_failures(cfg, run).values()) == ["http_404"] * 3 + ["not_an_image"]
+
+
+def test_shards_then_merge_equal_the_unsharded_result(ccfg, server: Server) -> None:
+    cfg = ccfg()
+    urls = good_urls(server, 20, prefix="s") + [server.url("/status/404")]
+    run = make_exported_run(cfg, urls)
+    with pytest.raises(InputError, match="no cache shard outputs"):
+        cache.run(cfg, run=run.model_version, merge=True, env={})
+    s0 = cache.run(cfg, run=run.model_version, shard="0/2", env={})
+    assert s0["status"] == "shard_done"
+    with pytest.raises(InputError, match=r"shards \[1\] of 2"):
+        cache.run(cfg, run=run.model_version, merge=True, env={})
+    s1 = cache.run(
+        cfg, run=run.model_version, env={"JOB_COMPLETION_INDEX": "1", "JOB_COMPLETIONS": "2"}
+    )
+    assert s1["shard"] == "1/2" and s0["urls"] + s1["urls"] == 21
+    assert server.total_requests == 21  # each URL fetched by exactly one shard
+    merged = cache.run(cfg, run=run.model_version, merge=True, env={})
+    assert merged["status"] == "cached" and merged["active_rows"] == 20 and merged["shards"] == 2
+    assert list(read_failures(cfg, run).values()) == ["http_404"]
+
+
+@pytest.mark.parametrize(
+    "shard,env,message",
+    [
+        ("2/2", {}, "out of range"),
+        ("0/0", {}, "out of range"),
+        ("a/b", {}, "expected I/N"),
+        (None, {"JOB_COMPLETION_INDEX": "0"}, "JOB_COMPLETIONS"),
+        (None, {"JOB_COMPLETION_INDEX": "4", "JOB_COMPLETIONS": "4"}, "out of range"),
+    ],
+)
+def test_bad_shard_is_bad_input(shard, env, message) -> None:
+    with pytest.raises(InputError, match=message):
+        cache.parse_shard(shard, env)
+
+
+def test_shard_partition_is_stable_and_complete() -> None:
+    urls = [f"https://img.example/{i}.jpg" for i in range(200)]
+    parts = [[u for u in urls if cache.shard_of(u, 3) == i] for i in range(3)]
+    assert sorted(sum(parts, [])) == sorted(urls) and all(parts)
+    assert cache.parse_shard(None, {}) == (0, 1) and cache.parse_shard("2/3", {}) == (2, 3)
+
+
+def test_second_concurrent_run_exits_zero_saying_why(ccfg, server: Server) -> None:
+    cfg = ccfg()
+    run = make_exported_run(cfg, good_urls(server, 2, prefix="l"))
+    with db.job_lock(cfg, "cache", run.id) as held:
+        assert held
+        out = cache.run(cfg, run=run.model_version, env={})
+    assert out["status"] == "skipped" and "lock" in out["reason"]
+    assert server.total_requests == 0 and cache_files(cfg) == []
+
+
+def test_stale_temp_files_are_swept(ccfg, server: Server) -> None:
+    cfg = ccfg()
+    stale = cfg.artifacts_dir / "images" / "original" / ".tmp-dead-beef.part"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"half a download")
+    old = time.time() - 3600
+    os.utime(stale, (old, old))
+    fresh = stale.with_name(".tmp-live-writer.part")  # another shard may be writing this now
+    fresh.write_bytes(b"in progress")
+    cache.run(
+        cfg, run=make_exported_run(cfg, good_urls(server, 2, prefix="t")).model_version, env={}
+    )
+    assert not stale.exists() and fresh.exists()
+
+
+def test_file_urls_in_the_demo_config(make_cfg, server: Server, tmp_path: Path) -> None:
+    cfg = make_cfg(Path(REPO / "configs" / "demo.yaml"), cache__failure_rate_limit=0.9)
+    db.migrate(cfg)
+    pics = cfg.data_dir / "demo-images"
+    pics.mkdir(parents=True)
+    for i in range(3):
+        (pics / f"{i}.jpg").write_bytes(jpeg(300, 200, seed=40 + i))
+    (pics / "notes.txt").write_text("not a picture")
+    outside = tmp_path / "outside.jpg"
+    outside.write_bytes(jpeg(300, 200, seed=50))
+    urls = [(pics / f"{i}.jpg").as_uri() for i in range(3)] + [
+        (pics / "notes.txt").as_uri(),
+        "file:///etc/passwd",
+        outside.as_uri(),
+        (pics / "gone.jpg").as_uri(),
+    ]
+    run = make_exported_run(cfg, urls)
+    out = cache.run(cfg, run=run.model_version, env={})
+    assert (
+        out["active_rows"] == 3 and out["fetch"]["files_read"] == 7 and server.total_requests == 0
+    )
+    assert sorted(read_failures(cfg, run).values()) == [
+        "blocked_url",
+        "blocked_url",
+        "file_not_found",
+        "not_an_image",
+    ]
+
+
+def test_cli_bad_shard_exits_2(tmp_path: Path) -> None:
+    env = {
+        **os.environ,
+        "AIR_ARTIFACTS_DIR": str(tmp_path / "a"),
+        "AIR_DATA_DIR": str(tmp_path / "d"),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "jobs.cli", "cache", "--shard", "5/2"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "out of range" in proc.stderr
+    assert not (tmp_path / "a").exists()

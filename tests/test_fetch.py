@@ -1,0 +1,309 @@
+# ruff: noqa: F811  (pytest fixtures imported from cache_fixtures are test parameters by design)
+"""jobs.fetch against a real aiohttp server on loopback with fault endpoints.
+
+Only the test server's exact ip:port is allowed although private; every blocked case below is
+really refused by the policy (nothing else on loopback is allowed). Sleep and clock are
+injected, so retries do not wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from cache_fixtures import Server, http_server, jpeg, server  # noqa: F401
+from yarl import URL
+
+from jobs.fetch import Fetcher, FetchFailed, UrlPolicy, parse_retry_after, redact_url
+from jobs.images import sniff_format
+
+NOW = 1_800_000_000.0
+
+
+class Sleeps(list):
+    async def __call__(self, seconds: float) -> None:
+        self.append(seconds)
+
+
+def not_image(head: bytes) -> str | None:
+    return None if sniff_format(head) else "not_an_image"
+
+
+def policy(srv: Server, **kw) -> UrlPolicy:
+    base = {
+        "allowed_private": frozenset({("127.0.0.1", srv.port)}),
+        "max_bytes": 1_000_000,
+        "max_redirects": 3,
+    }
+    return UrlPolicy(**{**base, **kw})
+
+
+def fetch(srv: Server, url: str, dest: Path, *, pol: UrlPolicy | None = None, **kw):
+    """Run one fetch; returns (Fetched or FetchFailed, sleeps, fetcher)."""
+    sleeps = Sleeps()
+    opts = {
+        "max_attempts": 3,
+        "backoff_base_s": 0.5,
+        "backoff_max_s": 8,
+        "retry_after_cap_s": 60,
+        "total_timeout_s": 5,
+        "connect_timeout_s": 2,
+        **kw,
+    }
+
+    async def go():
+        async with Fetcher(pol or policy(srv), sleep=sleeps, now=lambda: NOW, **opts) as f:
+            try:
+                return await f.fetch(url, dest, head_check=not_image), f
+            except FetchFailed as exc:
+                return exc, f
+
+    out, fetcher = asyncio.run(go())
+    return out, sleeps, fetcher
+
+
+def nothing_left(dest: Path) -> bool:
+    return not dest.exists() or not any(dest.iterdir())
+
+
+def failed(out, reason: str, attempts: int | None = None) -> bool:
+    assert isinstance(out, FetchFailed), out
+    assert out.reason == reason, (out.reason, out.detail)
+    if attempts is not None:
+        assert out.attempts == attempts
+    return True
+
+
+def test_ok_streams_to_a_temp_file_with_hash(server: Server, tmp_path: Path) -> None:
+    import hashlib
+
+    data = jpeg(100, 80)
+    out, sleeps, f = fetch(server, server.add("ok.jpg", data), tmp_path)
+    assert out.path.read_bytes() == data and out.sha256 == hashlib.sha256(data).hexdigest()
+    assert out.attempts == 1 and sleeps == [] and f.stats.requests == 1 and f.stats.connections == 1
+    assert out.path.parent == tmp_path and out.path.name.startswith(".tmp-")
+
+
+@pytest.mark.parametrize("code", [404, 403, 410, 400, 451])
+def test_4xx_is_permanent_at_once(server: Server, tmp_path: Path, code: int) -> None:
+    out, sleeps, f = fetch(server, server.url(f"/status/{code}"), tmp_path)
+    assert failed(out, f"http_{code}", attempts=1)
+    assert sleeps == [] and server.hits[f"/status/{code}"] == 1 and nothing_left(tmp_path)
+
+
+def test_500_then_200_retries_with_full_jitter(server: Server, tmp_path: Path) -> None:
+    server.add("f.jpg", jpeg(50, 50))
+    out, sleeps, _ = fetch(server, server.url("/flaky/a/2/500/f.jpg"), tmp_path)
+    assert out.attempts == 3 and out.size > 0
+    assert (
+        len(sleeps) == 2 and 0 <= sleeps[0] <= 0.5 and 0 <= sleeps[1] <= 1.0
+    )  # uniform(0, base*2^n)
+
+
+def test_persistent_5xx_gives_up_after_max_attempts(server: Server, tmp_path: Path) -> None:
+    out, sleeps, _ = fetch(server, server.url("/status/502"), tmp_path, max_attempts=4)
+    assert failed(out, "http_502", attempts=4)
+    assert len(sleeps) == 3 and server.hits["/status/502"] == 4 and nothing_left(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "value,expected",
+    [
+        ("7", 7.0),
+        (email.utils.format_datetime(datetime.fromtimestamp(NOW + 30, UTC), usegmt=True), 30.0),
+        (email.utils.format_datetime(datetime.fromtimestamp(NOW - 30, UTC), usegmt=True), 0.0),
+        ("99999", 60.0),  # capped
+        ("soon", None),  # malformed -> backoff
+        ("-5", None),
+    ],
+)
+def test_429_honours_retry_after(
+    server: Server, tmp_path: Path, value: str, expected: float | None
+) -> None:
+    from urllib.parse import quote
+
+    server.add("r.jpg", jpeg(40, 40))
+    key = abs(hash(value))
+    out, sleeps, _ = fetch(
+        server, server.url(f"/retry-after/{key}/x/r.jpg?v={quote(value)}"), tmp_path
+    )
+    assert out.attempts == 2 and len(sleeps) == 1
+    if expected is None:
+        assert 0 <= sleeps[0] <= 0.5
+    else:
+        assert sleeps[0] == pytest.approx(expected, abs=1e-6)
+
+
+def test_parse_retry_after_forms() -> None:
+    assert parse_retry_after("120", NOW) == 120.0
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", NOW) == 0.0  # in the past
+    assert parse_retry_after("", NOW) is None and parse_retry_after(None, NOW) is None
+    assert parse_retry_after("1.5", NOW) is None
+
+
+def test_slow_drip_hits_the_total_deadline(server: Server, tmp_path: Path) -> None:
+    out, sleeps, _ = fetch(
+        server, server.url("/drip"), tmp_path, total_timeout_s=0.6, max_attempts=2
+    )
+    assert failed(out, "timeout", attempts=2) and nothing_left(tmp_path)
+
+
+def test_body_shorter_than_declared_is_truncated(server: Server, tmp_path: Path) -> None:
+    out, sleeps, _ = fetch(server, server.url("/short-body"), tmp_path, max_attempts=2)
+    assert failed(out, "truncated", attempts=2) and nothing_left(tmp_path)
+
+
+def test_gzip_bomb_is_capped_on_decompressed_bytes(server: Server, tmp_path: Path) -> None:
+    out, _, f = fetch(server, server.url("/gzip-bomb"), tmp_path)
+    assert failed(out, "too_large", attempts=1) and nothing_left(tmp_path)
+    assert f.stats.bytes == 0
+
+
+def test_declared_length_over_the_cap_is_refused_early(server: Server, tmp_path: Path) -> None:
+    out, _, _ = fetch(server, server.url("/huge-declared"), tmp_path)
+    assert (
+        failed(out, "too_large", attempts=1)
+        and "Content-Length" in out.detail
+        and nothing_left(tmp_path)
+    )
+
+
+@pytest.mark.parametrize("path", ["/html", "/json-as-jpeg"])
+def test_200_but_not_an_image(server: Server, tmp_path: Path, path: str) -> None:
+    out, _, _ = fetch(server, server.url(path), tmp_path)
+    assert failed(out, "not_an_image", attempts=1) and nothing_left(tmp_path)
+
+
+def test_redirect_is_followed_by_hand_and_checked(server: Server, tmp_path: Path) -> None:
+    target = server.add("t.jpg", jpeg(30, 30))
+    out, _, f = fetch(server, server.url(f"/redirect?to={target}"), tmp_path)
+    assert out.final_url == target and f.stats.requests == 2
+
+
+@pytest.mark.parametrize(
+    "to",
+    [
+        "http://127.0.0.1:{other}/img/t.jpg",  # loopback, not the allowed port
+        "http://localhost:{other}/img/t.jpg",  # a name: refused on its resolved address
+        "http://[::ffff:127.0.0.1]:{port}/img/t.jpg",  # IPv4-mapped
+        "http://169.254.169.254/latest/meta-data/",
+        "http://10.0.0.1/x.jpg",
+        "http://100.64.0.1/x.jpg",
+        "file:///etc/passwd",
+        "ftp://example.com/x.jpg",
+    ],
+)
+def test_redirect_to_a_refused_target_is_blocked(server: Server, tmp_path: Path, to: str) -> None:
+    from urllib.parse import quote
+
+    server.add("t.jpg", jpeg(30, 30))
+    target = to.format(port=server.port, other=server.port + 1 if server.port < 65535 else 1)
+    # file:// is refused on a hop even when file URLs are otherwise allowed
+    pol = policy(server, schemes=frozenset({"http", "https", "file"}), file_root=Path("/"))
+    out, _, f = fetch(
+        server, server.url(f"/redirect?to={quote(target, safe='')}"), tmp_path, pol=pol
+    )
+    assert failed(out, "blocked_url", attempts=1) and nothing_left(tmp_path)
+    assert f.stats.requests == 1  # only the redirect itself reached any server
+    assert f.stats.connections <= 1  # the one to the test server (a pooled one may be reused)
+
+
+def test_redirect_loop_stops(server: Server, tmp_path: Path) -> None:
+    out, _, f = fetch(server, server.url("/loop/0"), tmp_path)
+    assert failed(out, "too_many_redirects", attempts=1) and f.stats.requests == 4
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://169.254.169.254/",
+        "http://[::ffff:127.0.0.1]/",
+        "http://[::1]/",
+        "http://127.0.0.1/",
+        "http://0.0.0.0/",
+        "http://192.168.1.1/",
+        "http://[fd00::1]/",
+        "http://[64:ff9b::7f00:1]/",  # NAT64 of 127.0.0.1
+        "https://user:pw@example.com/x.jpg",
+        "javascript:alert(1)",
+        "file:///etc/passwd",  # file URLs not allowed by this policy
+    ],
+)
+def test_refused_before_any_connection(server: Server, tmp_path: Path, url: str) -> None:
+    out, _, f = fetch(server, url, tmp_path)
+    assert failed(out, "blocked_url") and nothing_left(tmp_path)
+    assert f.stats.requests == 0 and f.stats.connect_attempts == 0  # refused before connecting
+
+
+def test_loopback_name_is_refused_on_its_resolved_address(server: Server, tmp_path: Path) -> None:
+    server.add("n.jpg", jpeg(30, 30))
+    # The server is up and listening; only the allowance is missing.
+    out, _, _ = fetch(
+        server,
+        f"http://localhost:{server.port}/img/n.jpg",
+        tmp_path,
+        pol=policy(server, allowed_private=frozenset()),
+    )
+    assert failed(out, "blocked_url") and server.hits["/img/n.jpg"] == 0
+    ok, _, _ = fetch(server, f"http://localhost:{server.port}/img/n.jpg", tmp_path)
+    assert not isinstance(ok, FetchFailed) and server.hits["/img/n.jpg"] == 1
+
+
+def test_file_urls_stay_under_their_root(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "a.jpg").write_bytes(jpeg(30, 30))
+    (root / "notes.txt").write_text("hello")
+    (root / "big.jpg").write_bytes(b"\xff\xd8\xff" + b"\0" * 2_000_000)
+    (root / "link.jpg").symlink_to("/etc/passwd")
+    dest = tmp_path / "dest"
+    pol = UrlPolicy(
+        schemes=frozenset({"http", "https", "file"}), file_root=root.resolve(), max_bytes=1_000_000
+    )
+    srv = Server(base="", port=0)
+    ok, _, _ = fetch(srv, (root / "a.jpg").as_uri(), dest, pol=pol)
+    assert ok.size == len((root / "a.jpg").read_bytes())
+    ok.path.unlink()
+    cases = {
+        "file:///etc/passwd": "blocked_url",
+        (root / "link.jpg").as_uri(): "blocked_url",  # symlink out of the root
+        (root / "notes.txt").as_uri(): "not_an_image",
+        (root / "big.jpg").as_uri(): "too_large",
+        (root / "missing.jpg").as_uri(): "file_not_found",
+        f"file://{root}/../../etc/passwd": "blocked_url",
+    }
+    for url, reason in cases.items():
+        out, _, _ = fetch(srv, url, dest, pol=pol)
+        assert failed(out, reason), url
+    # With the whole filesystem as root, /etc/passwd still fails validation.
+    out, _, _ = fetch(
+        srv, "file:///etc/passwd", dest, pol=UrlPolicy(schemes=pol.schemes, file_root=Path("/"))
+    )
+    assert failed(out, "not_an_image")
+    assert nothing_left(dest)
+
+
+def test_per_host_limit_holds(server: Server, tmp_path: Path) -> None:
+    server.add("s.jpg", jpeg(20, 20))
+    urls = [server.url(f"/slow/s.jpg?i={i}") for i in range(12)]
+
+    async def go():
+        async with Fetcher(policy(server), concurrency=20, per_host=3) as f:
+            return await asyncio.gather(*(f.fetch(u, tmp_path) for u in urls))
+
+    results = asyncio.run(go())
+    assert len(results) == 12 and all(r.size for r in results)
+    assert server.max_active == 3  # never more than 3 at once, and the limit was reached
+
+
+def test_redact_url_drops_tokens() -> None:
+    assert (
+        redact_url("https://u:p@h.example/a/b.jpg?token=secret#x")
+        == "https://h.example/a/b.jpg?<redacted>"
+    )
+    assert redact_url("https://h.example/a.jpg") == "https://h.example/a.jpg"
+    assert "secret" not in redact_url("https://h/x?alt=media&token=secret")
+    assert URL(redact_url("http://h/x.jpg")).host == "h"
