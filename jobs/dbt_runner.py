@@ -1,0 +1,254 @@
+"""dbt through its Python API (``dbt.cli.main.dbtRunner``), driven by the run config.
+
+The profile (``dbt/profiles.yml``) reads ``AIR_DBT_*`` environment variables that this module
+sets from the config's database (``DATABASE_URL`` or the embedded server, a Unix socket), and
+every invocation gets the config's dataset values as ``--vars`` (``Config.dbt_vars()``), so one
+YAML drives both SQL and Python. ``target/`` and ``logs/`` go under ``<data_dir>/dbt`` so that
+configs with different data dirs (tests) never share dbt's state.
+
+``airatings dbt <args>`` -> :func:`cli`; the export calls :func:`build`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from jobs.errors import ConfigError, InputError, TransientError
+from jobs.logs import get_logger
+
+if TYPE_CHECKING:
+    from jobs.config import Config
+
+log = get_logger()
+
+PROJECT_DIR = Path(__file__).resolve().parents[1] / "dbt"
+# What the export needs: the split mart and everything upstream of it, with their tests.
+TRAINING_SELECTION = "+fct_dataset_splits"
+
+_IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+_SCHEME = re.compile(r"^[a-z][a-z0-9+.-]{0,15}$")
+# Options this module owns: the config decides them, not the command line.
+_OWNED_FLAGS = ("--vars", "--profiles-dir", "--project-dir", "--target", "--profile")
+# dbt keeps process-global state (flags, adapters, event logger): one invocation at a time.
+_INVOKE_LOCK = threading.Lock()
+
+
+def project_dir() -> Path:
+    return Path(os.environ.get("AIR_DBT_PROJECT_DIR", PROJECT_DIR)).resolve()
+
+
+def target_path(cfg: Config) -> Path:
+    return cfg.data_dir / "dbt" / "target"
+
+
+def log_path(cfg: Config) -> Path:
+    return cfg.data_dir / "dbt" / "logs"
+
+
+def checked_vars(cfg: Config) -> dict[str, Any]:
+    """``cfg.dbt_vars()``, re-checked here because these values are rendered into SQL.
+
+    The config model already validates them; this refuses a config built around validation
+    (``model_construct``/``model_copy``) with a ConfigError naming the key.
+    """
+    v = cfg.dbt_vars()
+    where = {"app_schema": "database.app_schema", "ml_schema": "database.ml_schema"}
+    for key, origin in where.items():
+        if not isinstance(v[key], str) or not _IDENT.match(v[key]):
+            raise ConfigError(
+                f"{origin}: {v[key]!r} is not a plain SQL identifier ([a-z_][a-z0-9_]*)"
+            )
+    if not _IDENT.match(str(cfg.database.dbt_schema)):
+        raise ConfigError(
+            f"database.dbt_schema: {cfg.database.dbt_schema!r} is not a plain SQL identifier"
+        )
+    for s in v["allowed_url_schemes"]:
+        if not isinstance(s, str) or not _SCHEME.match(s):
+            raise ConfigError(f"dataset.allowed_url_schemes: {s!r} is not a URL scheme")
+    if v["group_key"] not in ("webcam_day", "webcam", "snapshot"):
+        raise ConfigError(
+            f"dataset.group_key: {v['group_key']!r} is not webcam_day, webcam or snapshot"
+        )
+    for key, origin in (
+        ("min_rating_count", "dataset.min_rating_count"),
+        ("split_seed", "dataset.split_seed"),
+    ):
+        if not isinstance(v[key], int) or isinstance(v[key], bool):
+            raise ConfigError(f"{origin}: {v[key]!r} is not an integer")
+    for key in ("good_threshold", "split_train", "split_val", "split_test"):
+        if not isinstance(v[key], int | float) or isinstance(v[key], bool):
+            raise ConfigError(f"dataset: {key} {v[key]!r} is not a number")
+    return v
+
+
+def profile_env(cfg: Config) -> dict[str, str]:
+    """The ``AIR_DBT_*`` variables profiles.yml reads, from the config's database."""
+    from jobs import db
+
+    parts = db.conninfo_parts(db.database_url(cfg))
+    return {
+        "AIR_DBT_HOST": str(parts["host"]),
+        "AIR_DBT_PORT": str(parts["port"]),
+        "AIR_DBT_USER": str(parts["user"]),
+        "AIR_DBT_PASSWORD": str(parts["password"]),
+        "AIR_DBT_DBNAME": str(parts["dbname"]),
+        "AIR_DBT_SCHEMA": cfg.database.dbt_schema,
+        "AIR_DBT_THREADS": str(min(4, os.cpu_count() or 1)),
+        "DBT_SEND_ANONYMOUS_USAGE_STATS": "false",
+    }
+
+
+@contextlib.contextmanager
+def _environ(values: dict[str, str]) -> Iterator[None]:
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _command_words(args: list[str]) -> list[str]:
+    words = []
+    for a in args:
+        if a.startswith("-"):
+            break
+        words.append(a)
+    return words
+
+
+def invoke(cfg: Config, args: list[str], *, quiet: bool = False) -> Any:
+    """Run one dbt command with the config's profile, vars and paths; returns dbtRunnerResult.
+
+    dbt's console output goes to stderr (stdout stays free for ``--json`` summaries); its full
+    debug log is under ``<data_dir>/dbt/logs``.
+    """
+    for a in args:
+        if a.split("=", 1)[0] in _OWNED_FLAGS:
+            raise InputError(
+                f"'{a.split('=', 1)[0]}' is set from the config; change the config instead"
+            )
+    dbt_vars = checked_vars(cfg)
+    words = _command_words(args)
+    extra = [
+        "--project-dir", str(project_dir()),
+        "--profiles-dir", str(project_dir()),
+    ]  # fmt: skip
+    if words[:2] != ["docs", "serve"]:
+        extra += ["--vars", json.dumps(dbt_vars, sort_keys=True)]
+    if words and words[0] not in ("clean", "debug", "init", "deps"):
+        extra += ["--target-path", str(target_path(cfg))]
+    log_dir = log_path(cfg)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    pre = ["--log-path", str(log_dir), "--no-use-colors"]
+    if quiet:
+        pre.append("--quiet")
+    from dbt.cli.main import dbtRunner
+
+    env = profile_env(cfg)
+    with _INVOKE_LOCK, _environ(env), contextlib.redirect_stdout(sys.stderr):
+        return dbtRunner().invoke([*pre, *args, *extra])
+
+
+def _failures(res: Any) -> list[dict[str, str]]:
+    out = []
+    results = getattr(getattr(res, "result", None), "results", None) or []
+    for r in results:
+        status = str(getattr(r.status, "value", r.status))
+        if status in ("error", "fail", "runtime error"):
+            node = r.node
+            out.append(
+                {
+                    "name": node.name,
+                    "type": str(getattr(node.resource_type, "value", node.resource_type)),
+                    "status": status,
+                    "message": (r.message or "")[:500],
+                }
+            )
+    return out
+
+
+def _counts(res: Any) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for r in getattr(getattr(res, "result", None), "results", None) or []:
+        status = str(getattr(r.status, "value", r.status))
+        counts[status] = counts.get(status, 0) + 1
+    return counts
+
+
+_CONNECT_HINTS = (
+    "could not connect",
+    "connection refused",
+    "connection to server",
+    "timeout expired",
+)
+
+
+def _raise_for(res: Any, what: str, logs: Path) -> None:
+    failures = _failures(res)
+    if res.exception is not None:
+        text = str(res.exception)
+        if any(h in text.lower() for h in _CONNECT_HINTS):
+            raise TransientError(f"{what}: dbt could not reach PostgreSQL: {text}")
+        raise InputError(f"{what}: dbt stopped: {text}")
+    if failures:
+        connect = [f for f in failures if any(h in f["message"].lower() for h in _CONNECT_HINTS)]
+        if connect and len(connect) == len(failures):
+            raise TransientError(f"{what}: dbt could not reach PostgreSQL: {connect[0]['message']}")
+        names = ", ".join(f"{f['name']} ({f['status']})" for f in failures)
+        raise InputError(
+            f"{what} failed; fix the data or the models and run again. Failed: {names}. "
+            f"Details: {logs / 'dbt.log'}"
+        )
+    if not res.success:
+        raise InputError(f"{what}: dbt did not succeed (see {logs / 'dbt.log'})")
+
+
+def build(cfg: Config, select: str = TRAINING_SELECTION, *, quiet: bool = True) -> dict[str, Any]:
+    """``dbt build --select <select>``: models, tests, unit tests. Raises InputError naming
+    every failed node when anything fails (a failing test never reaches a manifest)."""
+    from jobs import db
+
+    with db.job_lock(cfg, "dbt", cfg.database.dbt_schema, wait=True):
+        res = invoke(cfg, ["build", "--select", select], quiet=quiet)
+    _raise_for(res, f"dbt build --select {select}", log_path(cfg))
+    counts = _counts(res)
+    log.info("dbt_built", select=select, **counts)
+    return {"select": select, "results": counts}
+
+
+def run_models(cfg: Config, select: str = TRAINING_SELECTION) -> dict[str, Any]:
+    """``dbt run --select <select>``: (re)build models without tests."""
+    from jobs import db
+
+    with db.job_lock(cfg, "dbt", cfg.database.dbt_schema, wait=True):
+        res = invoke(cfg, ["run", "--select", select], quiet=True)
+    _raise_for(res, f"dbt run --select {select}", log_path(cfg))
+    return {"select": select, "results": _counts(res)}
+
+
+def cli(cfg: Config, args: list[str]) -> dict[str, Any]:
+    """``airatings dbt <args>``: any dbt command with the config's profile and vars."""
+    if not args:
+        raise InputError(
+            "give a dbt command, e.g. 'airatings dbt build' or 'airatings dbt docs generate'"
+        )
+    res = invoke(cfg, list(args))
+    what = "dbt " + " ".join(_command_words(args))
+    _raise_for(res, what, log_path(cfg))
+    summary: dict[str, Any] = {"command": what, "results": _counts(res)}
+    if _command_words(args)[:2] == ["docs", "generate"]:
+        summary["docs"] = str(target_path(cfg) / "index.html")
+    return summary

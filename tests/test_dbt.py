@@ -1,0 +1,158 @@
+"""The dbt project on a real PostgreSQL: build + tests + unit tests, gates, splits, docs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+from export_fixtures import grow_world, world
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from jobs import db, dbt_runner
+from jobs.errors import ConfigError, InputError
+
+
+@pytest.fixture(scope="module")
+def built(pg_server, tmp_path_factory):
+    """One seeded world, built and tested once, shared by the read-only tests below."""
+    with world(pg_server, tmp_path_factory.mktemp("dbtworld")) as (cfg, planted):
+        summary = dbt_runner.build(cfg)
+        yield cfg, planted, summary
+
+
+def _rows(cfg, query, params=()):
+    with db.connect(cfg) as conn:
+        return conn.execute(query, params).fetchall()
+
+
+def test_build_passes_with_data_tests_unit_tests_and_singular_test(built):
+    cfg, _, summary = built
+    assert set(summary["results"]) <= {"pass", "success"}
+    results = json.loads((dbt_runner.target_path(cfg) / "run_results.json").read_text())["results"]
+    by_id = {r["unique_id"]: r["status"] for r in results}
+    unit = {k: v for k, v in by_id.items() if k.startswith("unit_test.")}
+    assert len(unit) == 3 and set(unit.values()) == {"pass"}
+    assert by_id["test.airatings.assert_no_split_group_in_two_splits"] == "pass"
+    assert any(k.startswith("test.airatings.source_unique_app_webcam_snapshots_id") for k in by_id)
+
+
+def test_gates_drop_each_planted_fault_for_its_reason(built):
+    cfg, planted, _ = built
+    reasons = dict(_rows(cfg, "select snapshot_id, drop_reason from ml.fct_label_candidates"))
+    for reason in (
+        "missing_url",
+        "url_scheme_not_allowed",
+        "url_malformed",
+        "too_few_ratings",
+        "duplicate_snapshot",
+    ):
+        assert planted[reason], reason
+        assert {reasons[i] for i in planted[reason]} == {reason}, reason
+    trainable = {r[0] for r in _rows(cfg, "select snapshot_id from ml.fct_training_samples")}
+    assert trainable == {i for i, r in reasons.items() if r is None}
+
+
+def test_latest_non_superseded_review_wins(built):
+    cfg, _, _ = built
+    rows = dict(
+        (r[0], r[1:])
+        for r in _rows(
+            cfg,
+            "select snapshot_id, label_source, label_value, calculated_rating"
+            " from ml.fct_label_candidates where snapshot_id in (2, 4)",
+        )
+    )
+    assert rows[2][:2] == ("manual_review", 4.5)
+    # snapshot 4's only review was superseded: the app's rating stands
+    assert rows[4][0] == "calculated_rating" and rows[4][1] == rows[4][2]
+
+
+def test_duplicate_rating_rows_count_once(built):
+    cfg, _, _ = built
+    # seed_world wrote snapshot 1's first rating twice; the app's rating_count is the truth
+    (agg, app) = _rows(
+        cfg,
+        "select a.rating_count, s.rating_count from ml.int_ratings_aggregated_to_snapshots a"
+        " join public.webcam_snapshots s on s.id = a.snapshot_id where a.snapshot_id = 1",
+    )[0]
+    raw = _rows(cfg, "select count(*) from public.webcam_snapshot_ratings where snapshot_id = 1")[
+        0
+    ][0]
+    assert raw == app + 1 and agg == app
+
+
+def test_split_is_md5_of_seed_and_webcam_day(built):
+    cfg, _, _ = built
+    d = cfg.dataset
+    rows = _rows(
+        cfg,
+        "select webcam_id, to_char(captured_at at time zone 'UTC', 'YYYY-MM-DD'), split_group, split"
+        " from ml.fct_dataset_splits",
+    )
+    assert len(rows) > 200
+    for webcam_id, day, group, split in rows:
+        assert group == f"webcam:{webcam_id}:{day}"
+        bucket = int(hashlib.md5(f"{d.split_seed}:{group}".encode()).hexdigest()[:8], 16) / 2**32
+        r = d.split_ratios
+        want = "train" if bucket < r.train else "val" if bucket < r.train + r.val else "test"
+        assert split == want
+    groups: dict[str, set[str]] = {}
+    for _, _, group, split in rows:
+        groups.setdefault(group, set()).add(split)
+    assert all(len(s) == 1 for s in groups.values())
+    assert {s for v in groups.values() for s in v} == {"train", "val", "test"}
+
+
+def test_docs_generate_works_offline(built):
+    cfg, _, _ = built
+    summary = dbt_runner.cli(cfg, ["docs", "generate"])
+    target = dbt_runner.target_path(cfg)
+    assert (target / "index.html").exists()
+    catalog = json.loads((target / "catalog.json").read_text())
+    assert "model.airatings.fct_dataset_splits" in catalog["nodes"]
+    manifest = json.loads((target / "manifest.json").read_text())
+    types = {e["type"] for e in manifest["exposures"].values()}
+    assert types == {"ml", "application"}
+    assert summary["docs"].endswith("index.html")
+
+
+def test_vars_are_rechecked_before_reaching_sql(built):
+    cfg, _, _ = built
+    bad = cfg.model_copy(
+        update={
+            "database": cfg.database.model_copy(update={"app_schema": 'public"; drop table x; --'})
+        }
+    )
+    with pytest.raises(ConfigError, match="database.app_schema"):
+        dbt_runner.checked_vars(bad)
+    with pytest.raises(InputError, match="--vars"):
+        dbt_runner.cli(cfg, ["build", "--vars", "{}"])
+
+
+@pytest.fixture(scope="module")
+def growing(pg_server, tmp_path_factory):
+    with world(pg_server, tmp_path_factory.mktemp("growing"), snapshots=200) as (cfg, _):
+        dbt_runner.run_models(cfg)
+        yield cfg
+
+
+def _splits(cfg) -> dict[int, str]:
+    return dict(_rows(cfg, "select snapshot_id, split from ml.fct_dataset_splits"))
+
+
+@settings(
+    max_examples=3, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(seed=st.integers(min_value=3, max_value=10_000), fraction=st.sampled_from([0.1, 0.15]))
+def test_old_snapshots_keep_their_split_when_data_grows(growing, seed, fraction):
+    cfg = growing
+    before = _splits(cfg)
+    added = grow_world(cfg, fraction=fraction, seed=seed)
+    dbt_runner.run_models(cfg)
+    after = _splits(cfg)
+    assert len(after) >= len(before) + added["new_snapshots"] // 2
+    assert set(before) <= set(after)
+    changed = [i for i in before if before[i] != after[i]]
+    assert changed == []
