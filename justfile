@@ -28,14 +28,14 @@ test *args: _ensure-setup
 lint: _ensure-setup
     {{ bin }}/ruff check .
     {{ bin }}/ruff format --check .
-    {{ bin }}/sqlfluff lint dbt jobs/migrations
+    cd dbt && ../{{ bin }}/sqlfluff lint . ../jobs/migrations
     {{ just_executable() }} --fmt --check
 
 # Format Python, SQL and the justfile
 fmt: _ensure-setup
     {{ bin }}/ruff check --fix .
     {{ bin }}/ruff format .
-    {{ bin }}/sqlfluff fix dbt jobs/migrations
+    cd dbt && ../{{ bin }}/sqlfluff fix . ../jobs/migrations
     {{ just_executable() }} --fmt
 
 # Run every benchmark in bench/ and print the ratios recorded in BENCHMARKS.md

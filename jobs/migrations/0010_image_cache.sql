@@ -5,14 +5,14 @@
 -- (they are retried by the next run and reported per run in failures.parquet).
 
 create table image_cache (
-    url_key      text primary key,
-    url          text not null,
-    sha256       text not null,
-    ext          text not null,
-    bytes        bigint not null,
-    width        integer not null,
-    height       integer not null,
-    cached_at    timestamptz not null default now(),
+    url_key text primary key,
+    url text not null,
+    sha256 text not null,
+    ext text not null,
+    bytes bigint not null,
+    width integer not null,
+    height integer not null,
+    cached_at timestamptz not null default now(),
     constraint image_cache_url_key_shape check (url_key ~ '^[0-9a-f]{64}$'),
     constraint image_cache_sha256_shape check (sha256 ~ '^[0-9a-f]{64}$'),
     constraint image_cache_ext_check check (ext in ('jpg', 'png', 'webp', 'gif'))
@@ -21,4 +21,4 @@ create table image_cache (
 create index image_cache_sha256_idx on image_cache (sha256);
 
 comment on table image_cache is
-    'URL -> content hash of cached images; files under <artifacts>/images/original/<aa>/<sha256>.<ext>.';
+'URL -> content hash of cached images; files under <artifacts>/images/original/<aa>/<sha256>.<ext>.';
