@@ -27,7 +27,7 @@ create table model_training_runs (
 comment on table model_training_runs is
 'One row per training run; model_version is assigned at export and never reused.';
 comment on column model_training_runs.params_json is
-'Provenance: dataset path and hash, export params, dbt vars, config hash, library versions, per-step summaries.';
+'Provenance: dataset path and hash, export params, dbt vars, config hash, library versions.';
 
 create table model_training_snapshot_labels (
     id bigserial primary key,
