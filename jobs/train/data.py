@@ -1,0 +1,303 @@
+"""Training data: the run's active manifests and the cached training-size JPEGs.
+
+Reads ``<artifacts>/runs/<model_version>/active/manifest_{train,val,test}.parquet`` (written by
+``airatings cache``) and the ``train_image_path`` copies (shorter side ``cache.train_short_side``).
+
+Targets per ``train.target``:
+
+- ``regression``: ``label_value`` (0..5).
+- ``binary``: ``is_good`` (``label_value >= dataset.good_threshold``, computed by the export).
+- ``distribution``: a smoothed rating histogram over 0..5 (NIMA). A snapshot has a handful of
+  ratings, so its raw histogram is mostly empty bins. Each person's rating r is replaced by a
+  discrete Gaussian over the bins, exp(-(k - r)^2 / (2 sigma^2)) normalised over k = 0..5
+  (``train.hist_smoothing_sigma``, default 0.5 rating steps: a "4" puts ~78% on 4 and ~11% on
+  3 and 5), and the kernels are averaged. Labels from a manual review (or rows without a
+  histogram) use ``label_value`` split linearly between its two neighbouring bins, smoothed
+  the same way. At the edges the truncation pulls the mean slightly inwards (a lone 5 becomes
+  ~4.88 with sigma 0.5); sigma 0 keeps the raw histogram.
+
+Sample weights (``train.sample_weighting``): ``sqrt_count`` weighs a row by sqrt(rating_count),
+normalised to mean 1 over the training split, so a label backed by 9 people counts 3x one
+backed by 1; ``none`` weighs all rows equally.
+
+Preprocessing follows ``jobs.images.preprocess`` (full frame squashed to a square, bilinear,
+uint8 HWC). Training adds a mild random-resized crop that keeps most of the frame (scale
+``aug_min_scale``..1, aspect ratio within ``aug_ratio_jitter`` of the frame's, then squashed
+like the full frame), a horizontal flip and light brightness/contrast jitter. No hue or
+saturation jitter: colour is what people rate. Randomness comes only from torch's RNG, which
+the engine seeds per epoch (and the DataLoader per worker), so runs are reproducible.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageEnhance
+
+from jobs import images
+from jobs.errors import InputError
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from jobs.config import Config
+
+SPLITS = ("train", "val", "test")
+REQUIRED_COLUMNS = (
+    "snapshot_id",
+    "label_value",
+    "label_source",
+    "is_good",
+    "rating_count",
+    "rating_hist",
+    "train_image_path",
+)
+
+
+class DataProblem(InputError):
+    """The run's data cannot train a model (empty, single-valued, bad labels): run fails."""
+
+
+def active_dir(cfg: Config, model_version: str) -> Path:
+    return cfg.artifacts_dir / "runs" / model_version / "active"
+
+
+def read_manifest(cfg: Config, model_version: str, split: str) -> pa.Table:
+    import pyarrow.parquet as pq
+
+    path = active_dir(cfg, model_version) / f"manifest_{split}.parquet"
+    if not path.is_file():
+        raise InputError(f"{path} is missing: run 'airatings cache --run {model_version}' first")
+    table = pq.read_table(path)
+    missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
+    if missing:
+        raise DataProblem(f"{path}: columns {missing} are missing (cache contract)")
+    return table
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split as numpy arrays (row order of the manifest, sorted by snapshot_id)."""
+
+    name: str
+    snapshot_id: np.ndarray
+    label: np.ndarray  # float64 0..5
+    is_good: np.ndarray  # bool
+    rating_count: np.ndarray  # int
+    hist: np.ndarray  # (n, 6) float
+    manual: np.ndarray  # bool: label_source == 'manual_review'
+    image_paths: list[Path]
+
+    def __len__(self) -> int:
+        return len(self.label)
+
+
+def load_split(cfg: Config, model_version: str, split: str) -> Split:
+    table = read_manifest(cfg, model_version, split)
+    n = table.num_rows
+    label = np.asarray(table.column("label_value").to_numpy(zero_copy_only=False), dtype=np.float64)
+    if n and (not np.all(np.isfinite(label)) or label.min() < 0 or label.max() > 5):
+        raise DataProblem(f"{split}: label_value must be finite and within 0..5")
+    hists = table.column("rating_hist").to_pylist()
+    hist = np.zeros((n, 6), dtype=np.float64)
+    for i, h in enumerate(hists):
+        if h is None:
+            continue
+        if len(h) != 6:
+            raise DataProblem(
+                f"{split}: rating_hist of snapshot row {i} has {len(h)} bins, expected 6"
+            )
+        hist[i] = h
+    if np.any(hist < 0):
+        raise DataProblem(f"{split}: rating_hist has negative counts")
+    root = cfg.artifacts_dir
+    paths = table.column("train_image_path").to_pylist()
+    if any(p is None for p in paths):
+        raise DataProblem(f"{split}: train_image_path has NULLs")
+    counts = table.column("rating_count").to_pylist()
+    return Split(
+        name=split,
+        snapshot_id=np.asarray(table.column("snapshot_id").to_pylist(), dtype=np.int64),
+        label=label,
+        is_good=np.asarray(table.column("is_good").to_pylist(), dtype=bool),
+        rating_count=np.asarray([c or 0 for c in counts], dtype=np.int64),
+        hist=hist,
+        manual=np.asarray(
+            [s == "manual_review" for s in table.column("label_source").to_pylist()], dtype=bool
+        ),
+        image_paths=[root / p for p in paths],
+    )
+
+
+def check_trainable(train: Split, val: Split, target: str) -> None:
+    """Clean failure (run marked failed, exit 2) for data that cannot train a model."""
+    if len(train) == 0:
+        raise DataProblem("the training split is empty: nothing to train on")
+    if len(train) < 2:
+        raise DataProblem("the training split has 1 row; at least 2 are needed")
+    if len(val) == 0:
+        raise DataProblem("the validation split is empty: no way to pick the best checkpoint")
+    if target == "binary":
+        if train.is_good.all() or not train.is_good.any():
+            raise DataProblem(
+                f"training labels are single-valued: every is_good is {bool(train.is_good[0])}"
+            )
+    elif np.ptp(train.label) == 0:
+        raise DataProblem(
+            f"training labels are single-valued: every label_value is {train.label[0]:g}"
+        )
+
+
+# ---- targets ---------------------------------------------------------------------------
+
+
+def smoothing_kernel(sigma: float) -> np.ndarray:
+    """K[r, k]: how a single rating r spreads over the bins k = 0..5 (rows sum to 1)."""
+    k = np.arange(6, dtype=np.float64)
+    if sigma == 0:
+        return np.eye(6)
+    kern = np.exp(-((k[None, :] - k[:, None]) ** 2) / (2 * sigma**2))
+    return kern / kern.sum(axis=1, keepdims=True)
+
+
+def label_to_bins(value: float) -> np.ndarray:
+    """A 0..5 value split linearly between its two neighbouring bins (mean preserved)."""
+    d = np.zeros(6, dtype=np.float64)
+    lo = int(np.floor(min(max(value, 0.0), 5.0)))
+    frac = value - lo
+    if lo >= 5:
+        d[5] = 1.0
+    else:
+        d[lo] = 1.0 - frac
+        d[lo + 1] = frac
+    return d
+
+
+def distribution_targets(split: Split, sigma: float) -> np.ndarray:
+    """(n, 6) smoothed rating distributions (see module doc)."""
+    kern = smoothing_kernel(sigma)
+    out = np.zeros((len(split), 6), dtype=np.float64)
+    for i in range(len(split)):
+        counts = split.hist[i]
+        if split.manual[i] or counts.sum() <= 0:
+            out[i] = label_to_bins(float(split.label[i])) @ kern
+        else:
+            out[i] = (counts @ kern) / counts.sum()
+    return out
+
+
+def targets_for(split: Split, target: str, sigma: float) -> np.ndarray:
+    if target == "regression":
+        return split.label.astype(np.float32)[:, None]
+    if target == "binary":
+        return split.is_good.astype(np.float32)[:, None]
+    if target == "distribution":
+        return distribution_targets(split, sigma).astype(np.float32)
+    raise ValueError(target)
+
+
+def sample_weights(train: Split, split: Split, how: str) -> np.ndarray:
+    """Per-row weights for ``split``, normalised by the training split's mean weight."""
+    if how == "none":
+        return np.ones(len(split), dtype=np.float32)
+    ref = np.sqrt(np.maximum(train.rating_count, 1)).mean()
+    return (np.sqrt(np.maximum(split.rating_count, 1)) / ref).astype(np.float32)
+
+
+# ---- images ----------------------------------------------------------------------------
+
+
+def open_rgb(path: Path, *, draft_size: int | None = None) -> Image.Image:
+    """Open a cached training copy (JPEG, RGB by the cache contract) fully decoded."""
+    img = Image.open(path, formats=["JPEG", "PNG", "WEBP"])
+    if draft_size is not None and img.format == "JPEG":
+        # DCT-domain downscale on decode: only by powers of two, never below draft_size.
+        img.draft("RGB", (draft_size, draft_size))
+    img.load()
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+class ManifestDataset(torch.utils.data.Dataset):
+    """(uint8 HWC image, target, weight) per manifest row; augmentation when ``augment``."""
+
+    def __init__(
+        self,
+        paths: list[Path],
+        targets: np.ndarray,
+        weights: np.ndarray,
+        size: int,
+        *,
+        augment: bool = False,
+        aug: dict[str, float] | None = None,
+    ):
+        self.paths = list(paths)
+        self.targets = torch.from_numpy(np.ascontiguousarray(targets, dtype=np.float32))
+        self.weights = torch.from_numpy(np.ascontiguousarray(weights, dtype=np.float32))
+        self.size = size
+        self.augment = augment
+        self.aug = {
+            "min_scale": 0.85,
+            "ratio_jitter": 0.05,
+            "brightness": 0.1,
+            "contrast": 0.1,
+            **(aug or {}),
+        }
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def _augmented(self, img: Image.Image) -> np.ndarray:
+        from torchvision.transforms import RandomResizedCrop
+
+        w, h = img.size
+        frame_ratio = w / h
+        j = self.aug["ratio_jitter"]
+        top, left, ch, cw = RandomResizedCrop.get_params(
+            img,
+            scale=[self.aug["min_scale"], 1.0],
+            ratio=[frame_ratio * (1 - j), frame_ratio * (1 + j)],
+        )
+        # crop + squash to size x size in one bilinear resample (same filter as preprocess)
+        img = img.resize(
+            (self.size, self.size), images.RESAMPLE, box=(left, top, left + cw, top + ch)
+        )
+        r = torch.rand(3).tolist()
+        if r[0] < 0.5:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        b, c = self.aug["brightness"], self.aug["contrast"]
+        if b > 0:
+            img = ImageEnhance.Brightness(img).enhance(1 + b * (2 * r[1] - 1))
+        if c > 0:
+            img = ImageEnhance.Contrast(img).enhance(1 + c * (2 * r[2] - 1))
+        return np.array(img, dtype=np.uint8)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        path = self.paths[i]
+        try:
+            if self.augment:
+                arr = self._augmented(open_rgb(path, draft_size=self.size))
+            else:
+                arr = images.preprocess(open_rgb(path), self.size)
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            # an InputError, not a DataProblem: the run is not failed, re-caching fixes it
+            raise InputError(
+                f"cached image {path} cannot be read ({exc}); re-run 'airatings cache'"
+            ) from None
+        return (
+            torch.from_numpy(np.array(arr, dtype=np.uint8, copy=True)),
+            self.targets[i],
+            self.weights[i],
+        )
+
+
+def describe(split: Split) -> dict[str, Any]:
+    n = len(split)
+    return {
+        "rows": n,
+        "label_mean": round(float(split.label.mean()), 4) if n else None,
+        "good_rate": round(float(split.is_good.mean()), 4) if n else None,
+    }

@@ -1,0 +1,631 @@
+"""The training loop, top to bottom like torchvision's references/classification/train.py:
+build data, build model, ``train_one_epoch``, ``evaluate`` (returns metrics), ``main``.
+
+Device and AMP are decided once (CUDA with float16 autocast and a GradScaler when present,
+``nullcontext`` on CPU). One seed drives Python, numpy and torch; each epoch reseeds from
+(seed, epoch) and so does the DataLoader's generator, so a resumed run draws exactly what an
+uninterrupted one would and, on CPU, ends with the same weights hash.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import math
+import os
+import platform
+import random
+import sys
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from jobs.artifacts import atomic_path, atomic_write_text
+from jobs.config import Config
+from jobs.errors import ConfigError, InputError
+from jobs.logs import get_logger
+from jobs.runs import Run, run_dir
+from jobs.train import data as D
+from jobs.train import model as M
+
+CHECKPOINT_FORMAT = "airatings-train-v1"
+HISTORY_COLUMNS = (
+    "epoch",
+    "lr",
+    "frozen",
+    "train_loss",
+    "train_images",
+    "val_loss",
+    "val_mae",
+    "val_rmse",
+    "val_spearman",
+    "val_auc",
+    "img_per_s",
+    "seconds",
+)
+
+log = get_logger()
+
+
+class NonFiniteLoss(D.DataProblem):
+    """The loss became NaN/inf: the run is marked failed."""
+
+
+# ---- reproducibility -------------------------------------------------------------------
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def seed_worker(worker_id: int) -> None:
+    # DataLoader already seeded torch in the worker from its generator (base_seed + id).
+    s = torch.initial_seed() % 2**32
+    np.random.seed(s)
+    random.seed(s)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    return seed * 1_000_003 + epoch
+
+
+def library_versions() -> dict[str, str]:
+    import PIL
+    import torchvision
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "numpy": np.__version__,
+        "pillow": PIL.__version__,
+        "platform": platform.platform(),
+    }
+
+
+def decide_device(cfg: Config) -> torch.device:
+    want = cfg.train.device
+    if want == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            "train.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'"
+        )
+    if want in ("auto", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def default_threads(cfg: Config) -> int:
+    if cfg.train.threads:
+        return cfg.train.threads
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+# ---- losses ----------------------------------------------------------------------------
+
+
+def emd_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-sample squared-CDF Earth Mover's Distance (NIMA, r = 2):
+    sqrt(mean_k (CDF_target(k) - CDF_pred(k))^2) over the 6 bins; shape (N,)."""
+    pred = torch.softmax(logits.float(), dim=1)
+    diff = torch.cumsum(target.float(), dim=1) - torch.cumsum(pred, dim=1)
+    return torch.sqrt(torch.mean(diff**2, dim=1) + 1e-12)
+
+
+def per_sample_loss(outputs: torch.Tensor, targets: torch.Tensor, target: str) -> torch.Tensor:
+    outputs = outputs.float()
+    if target == "regression":
+        return (outputs[:, 0] - targets[:, 0]) ** 2
+    if target == "binary":
+        return nn.functional.binary_cross_entropy_with_logits(
+            outputs[:, 0], targets[:, 0], reduction="none"
+        )
+    if target == "distribution":
+        return emd_loss(outputs, targets)
+    raise ValueError(target)
+
+
+def weighted_loss(
+    outputs: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, target: str
+) -> torch.Tensor:
+    return (per_sample_loss(outputs, targets, target) * weights).sum() / weights.sum().clamp_min(
+        1e-12
+    )
+
+
+# ---- data --------------------------------------------------------------------------------
+
+
+def build_data(cfg: Config, run: Run, device: torch.device) -> dict[str, Any]:
+    t = cfg.train
+    train = D.load_split(cfg, run.model_version, "train")
+    val = D.load_split(cfg, run.model_version, "val")
+    D.check_trainable(train, val, t.target)
+    aug = {
+        "min_scale": t.aug_min_scale,
+        "ratio_jitter": t.aug_ratio_jitter,
+        "brightness": t.aug_brightness,
+        "contrast": t.aug_contrast,
+    }
+    train_ds = D.ManifestDataset(
+        train.image_paths,
+        D.targets_for(train, t.target, t.hist_smoothing_sigma),
+        D.sample_weights(train, train, t.sample_weighting),
+        t.input_size,
+        augment=True,
+        aug=aug,
+    )
+    val_ds = D.ManifestDataset(
+        val.image_paths,
+        D.targets_for(val, t.target, t.hist_smoothing_sigma),
+        D.sample_weights(train, val, t.sample_weighting),
+        t.input_size,
+    )
+    generator = torch.Generator()
+    pin = device.type == "cuda"
+    common = {"num_workers": t.num_workers, "pin_memory": pin, "worker_init_fn": seed_worker}
+    train_loader = torch.utils.data.DataLoader(
+        train_ds,
+        batch_size=t.batch_size,
+        shuffle=True,
+        generator=generator,
+        # a last batch of 1 breaks BatchNorm in train mode
+        drop_last=len(train_ds) > t.batch_size and len(train_ds) % t.batch_size == 1,
+        **common,
+    )
+    val_loader = torch.utils.data.DataLoader(
+        val_ds, batch_size=t.batch_size, shuffle=False, **common
+    )
+    return {
+        "train": train,
+        "val": val,
+        "train_loader": train_loader,
+        "val_loader": val_loader,
+        "generator": generator,
+    }
+
+
+# ---- model -------------------------------------------------------------------------------
+
+
+def build_model(
+    cfg: Config, spec: dict[str, Any], train: D.Split, *, resuming: bool
+) -> tuple[nn.Module, str]:
+    """The network for the config's target; pretrained backbone per ``train.weights``."""
+    t = cfg.train
+    weights_file = None
+    weights_used = "none"
+    if t.weights == "imagenet" and not resuming:
+        candidates = M.imagenet_weights_candidates(t.backbone, t.weights_path)
+        found = [p for p in candidates if p.is_file()]
+        if found:
+            weights_file, weights_used = found[0], f"imagenet:{found[0]}"
+        elif t.allow_random_init:
+            weights_used = "random (imagenet weights not found)"
+            log.warning(
+                "pretrained_weights_missing",
+                looked_in=[str(p) for p in candidates],
+                fallback="random_init",
+            )
+        else:
+            raise InputError(
+                f"ImageNet weights for {t.backbone} not found at {', '.join(str(p) for p in candidates)} "
+                f"(no downloads: put the file there or set train.weights_path; or set "
+                f"train.weights: none / train.allow_random_init: true to start from random weights)"
+            )
+    elif resuming:
+        weights_used = "resumed"
+    model = M.build_model(spec, state_dict_file=weights_file)
+    # torchvision's MobileNet/EfficientNet use BatchNorm momentum 0.01 (tuned for long ImageNet
+    # runs); for a few epochs the running statistics would lag far behind the weights and the
+    # validation metric would measure the lag. 0.1 (PyTorch's default) follows within an epoch.
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.momentum = 0.1
+    if not resuming:
+        init_head_bias(model, train, cfg)
+    return model, weights_used
+
+
+def init_head_bias(model: nn.Module, train: D.Split, cfg: Config) -> None:
+    """Start the head at the training prior (mean label / positive rate / mean distribution)."""
+    head = model.head()
+    with torch.no_grad():
+        if cfg.train.target == "regression":
+            head.bias.fill_(float(train.label.mean()))
+        elif cfg.train.target == "binary":
+            p = float(np.clip(train.is_good.mean(), 1e-3, 1 - 1e-3))
+            head.bias.fill_(math.log(p / (1 - p)))
+        else:
+            mean = D.distribution_targets(train, cfg.train.hist_smoothing_sigma).mean(axis=0)
+            head.bias.copy_(torch.from_numpy(np.log(np.clip(mean, 1e-4, None))).float())
+
+
+def set_frozen(model: nn.Module, frozen: bool) -> None:
+    for p in M.backbone_parameters(model):
+        p.requires_grad_(not frozen)
+
+
+def lr_lambda_factory(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    def lr_lambda(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return lr_lambda
+
+
+# ---- one epoch ---------------------------------------------------------------------------
+
+
+def train_one_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: torch.amp.GradScaler,
+    loader: torch.utils.data.DataLoader,
+    device: torch.device,
+    autocast: Callable[[], Any],
+    cfg: Config,
+    epoch: int,
+    frozen: bool,
+) -> dict[str, float]:
+    from tqdm import tqdm
+
+    model.train()
+    if frozen:  # keep the pretrained BatchNorm statistics while only the head learns
+        model.backbone.eval()
+        model.head().train()
+    total_loss, total_w, images, compute_s = 0.0, 0.0, 0, 0.0
+    started = time.perf_counter()
+    bar = tqdm(
+        loader,
+        desc=f"epoch {epoch}/{cfg.train.epochs}",
+        unit="batch",
+        leave=False,
+        disable=not sys.stderr.isatty(),
+    )
+    for x, y, w in bar:
+        x = x.to(device, non_blocking=True)
+        y = y.to(device, non_blocking=True)
+        w = w.to(device, non_blocking=True)
+        with autocast():
+            out = model(x)
+        loss = weighted_loss(out, y, w, cfg.train.target)
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(
+                f"the training loss became {loss.item()} at epoch {epoch}; lower train.lr "
+                f"({cfg.train.lr:g}) or check the labels"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(
+            [p for p in model.parameters() if p.requires_grad], cfg.train.grad_clip_norm
+        )
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        bw = float(w.sum())
+        total_loss += float(loss.detach()) * bw
+        total_w += bw
+        images += x.shape[0]
+        bar.set_postfix(loss=f"{total_loss / max(total_w, 1e-12):.4f}")
+    compute_s = time.perf_counter() - started
+    return {
+        "train_loss": total_loss / max(total_w, 1e-12),
+        "train_images": images,
+        "img_per_s": images / compute_s if compute_s > 0 else 0.0,
+        "lr": optimizer.param_groups[0]["lr"],
+    }
+
+
+@torch.inference_mode()
+def predict(
+    model: nn.Module,
+    loader: torch.utils.data.DataLoader,
+    device: torch.device,
+    autocast: Callable[[], Any],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    model.eval()
+    outs, ys, ws = [], [], []
+    for x, y, w in loader:
+        with autocast():
+            out = model(x.to(device, non_blocking=True))
+        outs.append(out.float().cpu())
+        ys.append(y)
+        ws.append(w)
+    return torch.cat(outs), torch.cat(ys), torch.cat(ws)
+
+
+def evaluate(
+    model: nn.Module,
+    loader: torch.utils.data.DataLoader,
+    device: torch.device,
+    autocast: Callable[[], Any],
+    split: D.Split,
+    target: str,
+) -> dict[str, float | None]:
+    """Validation metrics on 0..5 scores vs ``label_value`` (and AUC vs ``is_good``)."""
+    from scipy.stats import spearmanr
+    from sklearn.metrics import roc_auc_score
+
+    out, y, w = predict(model, loader, device, autocast)
+    loss = float(weighted_loss(out, y, w, target))
+    score = M.scores_from_outputs(out, target).numpy().astype(np.float64)
+    err = score - split.label
+    both = split.is_good.any() and not split.is_good.all()
+    varied = len(score) > 2 and np.ptp(score) > 0 and np.ptp(split.label) > 0
+    return {
+        "val_loss": loss,
+        "val_mae": float(np.abs(err).mean()),
+        "val_rmse": float(np.sqrt((err**2).mean())),
+        "val_spearman": float(spearmanr(score, split.label).statistic) if varied else None,
+        "val_auc": float(roc_auc_score(split.is_good, score)) if both else None,
+    }
+
+
+# ---- checkpoints -------------------------------------------------------------------------
+
+
+def _check_checkpoint(path: Path) -> None:
+    ckpt = M.load_weights_only(path)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise InputError(f"{path}: checkpoint did not read back")
+
+
+def save_checkpoint(ckpt: dict[str, Any], path: Path) -> None:
+    with atomic_path(path, check=_check_checkpoint) as tmp:
+        torch.save(ckpt, tmp)
+
+
+def load_resume_checkpoint(
+    path: Path, cfg: Config, run: Run, spec: dict[str, Any]
+) -> dict[str, Any]:
+    ckpt = M.load_weights_only(path, what="checkpoint")
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise InputError(f"{path}: not an airatings training checkpoint; delete it to start over")
+    if ckpt.get("dataset_hash") != run.dataset_hash:
+        raise InputError(
+            f"{path} was trained on dataset {ckpt.get('dataset_hash')}, but run {run.model_version} has "
+            f"dataset {run.dataset_hash}; refusing to resume (delete it to start over)"
+        )
+    if ckpt.get("config_hash") != cfg.config_hash:
+        raise InputError(
+            f"{path} was written with config hash {ckpt.get('config_hash')}, this config is "
+            f"{cfg.config_hash}; resume with the original config or delete it to start over"
+        )
+    if ckpt.get("spec") != spec:
+        raise InputError(
+            f"{path}: model spec {ckpt.get('spec')} differs from {spec}; refusing to resume"
+        )
+    return ckpt
+
+
+def write_history(path: Path, history: list[dict[str, Any]]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(
+        buf, fieldnames=HISTORY_COLUMNS, extrasaction="ignore", lineterminator="\n"
+    )
+    writer.writeheader()
+    for row in history:
+        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in HISTORY_COLUMNS})
+    atomic_write_text(path, buf.getvalue())
+
+
+def _improved(value: float | None, best: float | None, mode: str) -> bool:
+    if value is None or not math.isfinite(value):
+        return False
+    if best is None:
+        return True
+    return value < best if mode == "min" else value > best
+
+
+# ---- main --------------------------------------------------------------------------------
+
+
+def main(
+    cfg: Config, run: Run, *, epoch_callback: Callable[[int, dict[str, Any]], None] | None = None
+) -> dict[str, Any]:
+    """Train ``run`` to its best checkpoint; resumes from ``last.pt``. Returns the summary."""
+    t = cfg.train
+    started = time.monotonic()
+    out_dir = run_dir(cfg, run.model_version)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    last_path, best_path, history_path = (
+        out_dir / "last.pt",
+        out_dir / "best.pt",
+        out_dir / "history.csv",
+    )
+
+    device = decide_device(cfg)
+    torch.set_num_threads(default_threads(cfg))
+    use_amp = device.type == "cuda"
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.float16)) if use_amp else nullcontext
+    seed_everything(t.seed)
+
+    spec = {"backbone": t.backbone, "target": t.target, "input_size": t.input_size}
+    resume = load_resume_checkpoint(last_path, cfg, run, spec) if last_path.exists() else None
+    atomic_write_text(out_dir / "config.yaml", cfg.to_yaml())
+
+    data = build_data(cfg, run, device)
+    train, val = data["train"], data["val"]
+    model, weights_used = build_model(cfg, spec, train, resuming=resume is not None)
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        weights_used = resume["weights_used"]
+    pretrained = weights_used.startswith("imagenet")
+    model.to(device, memory_format=torch.channels_last)
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    steps_per_epoch = len(data["train_loader"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda_factory(t.epochs * steps_per_epoch, t.warmup_epochs * steps_per_epoch)
+    )
+    scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
+
+    if t.target == "binary":
+        both = val.is_good.any() and not val.is_good.all()
+        metric_name, mode = ("val_auc", "max") if both else ("val_loss", "min")
+        if not both:
+            log.warning(
+                "val_auc_undefined", reason="validation split has one class", metric=metric_name
+            )
+    else:
+        metric_name, mode = "val_mae", "min"
+
+    start_epoch, best, best_epoch, bad_epochs, history, stopped = 1, None, 0, 0, [], False
+    if resume is not None:
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        scaler.load_state_dict(resume["scaler"])
+        start_epoch = resume["epoch"] + 1
+        best, best_epoch, bad_epochs = (
+            resume["best_metric"],
+            resume["best_epoch"],
+            resume["bad_epochs"],
+        )
+        history, stopped = list(resume["history"]), bool(resume["stopped"])
+        log.info("training_resumed", from_epoch=resume["epoch"], checkpoint=str(last_path))
+
+    log.info(
+        "training_started",
+        device=str(device),
+        amp=use_amp,
+        threads=torch.get_num_threads(),
+        train_rows=len(train),
+        val_rows=len(val),
+        weights=weights_used,
+        metric=metric_name,
+        start_epoch=start_epoch,
+        epochs=t.epochs,
+    )
+    if best_path.exists() and resume is None:
+        best_path.unlink()  # a best.pt without a last.pt is from an abandoned start
+
+    for epoch in range(start_epoch, t.epochs + 1):
+        if stopped:
+            break
+        epoch_started = time.perf_counter()
+        seed_everything(epoch_seed(t.seed, epoch))
+        data["generator"].manual_seed(epoch_seed(t.seed, epoch))
+        frozen = pretrained and epoch <= t.freeze_backbone_epochs
+        set_frozen(model, frozen)
+        row: dict[str, Any] = {"epoch": epoch, "frozen": frozen}
+        row.update(
+            train_one_epoch(
+                model,
+                optimizer,
+                scheduler,
+                scaler,
+                data["train_loader"],
+                device,
+                autocast,
+                cfg,
+                epoch,
+                frozen,
+            )
+        )
+        row.update(evaluate(model, data["val_loader"], device, autocast, val, t.target))
+        row["seconds"] = time.perf_counter() - epoch_started
+        row = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()}
+        history.append(row)
+
+        value = row[metric_name]
+        improved = _improved(value, best, mode)
+        if improved:
+            best, best_epoch, bad_epochs = value, epoch, 0
+        else:
+            bad_epochs += 1
+        stopped = bad_epochs >= t.early_stopping_patience
+        ckpt = {
+            "format": CHECKPOINT_FORMAT,
+            "spec": spec,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
+            "epoch": epoch,
+            "best_metric": best,
+            "best_epoch": best_epoch,
+            "metric_name": metric_name,
+            "metric_mode": mode,
+            "bad_epochs": bad_epochs,
+            "stopped": stopped,
+            "history": history,
+            "config_hash": cfg.config_hash,
+            "dataset_hash": run.dataset_hash,
+            "model_version": run.model_version,
+            "weights_used": weights_used,
+            "train_label_mean": float(train.label.mean()),
+        }
+        if improved:
+            save_checkpoint(ckpt, best_path)
+        write_history(history_path, history)
+        save_checkpoint(ckpt, last_path)  # last: its existence means the epoch is complete
+        log.info(
+            "epoch_finished", improved=improved, **{k: v for k, v in row.items() if v is not None}
+        )
+        if stopped:
+            log.info(
+                "early_stopped",
+                epoch=epoch,
+                best_epoch=best_epoch,
+                patience=t.early_stopping_patience,
+            )
+        if epoch_callback is not None:
+            epoch_callback(epoch, row)
+
+    if not best_path.exists():
+        raise D.DataProblem(f"no epoch produced a finite {metric_name}; nothing to keep")
+    best_ckpt = M.load_weights_only(best_path)
+    last_ckpt = M.load_weights_only(last_path)
+    return {
+        "status": "trained",
+        "model_version": run.model_version,
+        "run_id": run.id,
+        "run_dir": str(out_dir),
+        "best_checkpoint": str(best_path),
+        "last_checkpoint": str(last_path),
+        "history_csv": str(history_path),
+        "spec": spec,
+        "metric": metric_name,
+        "best_metric": best_ckpt["best_metric"],
+        "best_epoch": best_ckpt["epoch"],
+        "epochs_run": last_ckpt["epoch"],
+        "early_stopped": bool(last_ckpt["stopped"]),
+        "resumed_from_epoch": (resume["epoch"] if resume is not None else None),
+        "weights": weights_used,
+        "best_weights_sha256": M.state_dict_sha256(best_ckpt["model"]),
+        "last_weights_sha256": M.state_dict_sha256(last_ckpt["model"]),
+        "device": str(device),
+        "amp": use_amp,
+        "threads": torch.get_num_threads(),
+        "num_workers": t.num_workers,
+        "train_rows": len(train),
+        "val_rows": len(val),
+        "img_per_s": history[-1]["img_per_s"] if history else None,
+        "config_hash": cfg.config_hash,
+        "dataset_hash": run.dataset_hash,
+        "library_versions": library_versions(),
+        "seconds": round(time.monotonic() - started, 3),
+    }
+
+
+def sweep(out_dir: Path) -> None:
+    from jobs.artifacts import sweep_temp
+
+    with contextlib.suppress(OSError):
+        sweep_temp(out_dir, recursive=False)

@@ -1,0 +1,291 @@
+"""`airatings train` on a tiny learnable world (64x64 JPEGs, CPU, random init, 2 epochs)."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from psycopg import sql
+from train_fixtures import FAST, insert_run, make_world, run_status, write_manifests
+
+import jobs.train
+from jobs import db
+from jobs.errors import InputError
+from jobs.runs import table
+from jobs.train import data as D
+from jobs.train import engine
+from jobs.train import model as M
+
+
+class Stop(KeyboardInterrupt):
+    """Stands in for the kill: raised right after an epoch's checkpoint was saved."""
+
+
+def stop_after(n: int):
+    def cb(epoch, row):
+        if epoch >= n:
+            raise Stop(f"killed after epoch {epoch}")
+
+    return cb
+
+
+@pytest.fixture
+def fast_cfg(make_cfg):
+    c = make_cfg(**FAST)
+    db.migrate(c)
+    return c
+
+
+def _history(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_trains_resumes_after_kill_and_reproduces_weights(fast_cfg):
+    cfg = fast_cfg
+    world = make_world(cfg, model_version="test_v2_2026_01_01")
+    out = jobs.train.run(cfg, run=world["run_id"])
+
+    assert out["status"] == "trained" and out["epochs_run"] == 2 and out["metric"] == "val_mae"
+    run_dir = cfg.artifacts_dir / "runs" / "test_v2_2026_01_01"
+    for name in ("best.pt", "last.pt", "history.csv", "config.yaml"):
+        assert (run_dir / name).is_file(), name
+    hist = _history(run_dir / "history.csv")
+    assert [int(r["epoch"]) for r in hist] == [1, 2]
+    assert float(hist[1]["train_loss"]) < float(hist[0]["train_loss"])  # the loss falls
+    assert all(float(r["img_per_s"]) > 0 and r["val_mae"] for r in hist)
+    assert run_status(cfg, world["run_id"])[0] == "trained"
+    with db.connect(cfg) as conn:
+        params, trained_at = conn.execute(
+            sql.SQL("select params_json, trained_at from {} where id = %s").format(
+                table(cfg, "model_training_runs")
+            ),
+            (world["run_id"],),
+        ).fetchone()
+    assert trained_at is not None
+    assert params["train"]["library_versions"]["torch"] == torch.__version__
+    assert params["train"]["best_weights_sha256"] == out["best_weights_sha256"]
+    ckpt = M.load_weights_only(run_dir / "best.pt")
+    assert ckpt["dataset_hash"] == world["dataset_hash"] and ckpt["config_hash"] == cfg.config_hash
+    assert {"model", "optimizer", "scheduler", "scaler", "epoch", "best_metric"} <= set(ckpt)
+
+    # A second run on the same data, killed after epoch 1, then restarted: resumes at epoch 2
+    # and ends with exactly the weights of the uninterrupted run (same seed, CPU).
+    write_manifests(cfg, "test_v2_2026_01_02", world["rows"])
+    run_b = insert_run(cfg, "test_v2_2026_01_02", world["dataset_hash"])
+    with pytest.raises(Stop):
+        jobs.train.run(cfg, run=run_b, epoch_callback=stop_after(1))
+    b_dir = cfg.artifacts_dir / "runs" / "test_v2_2026_01_02"
+    assert M.load_weights_only(b_dir / "last.pt")["epoch"] == 1
+    assert run_status(cfg, run_b)[0] == "cached"
+    seen = []
+    resumed = jobs.train.run(cfg, run=run_b, epoch_callback=lambda e, r: seen.append(e))
+    assert seen == [2] and resumed["resumed_from_epoch"] == 1 and resumed["epochs_run"] == 2
+    assert [int(r["epoch"]) for r in _history(b_dir / "history.csv")] == [1, 2]
+    assert resumed["last_weights_sha256"] == out["last_weights_sha256"]
+
+    # Already trained: exit 0, nothing redone.
+    again = jobs.train.run(cfg, run=world["run_id"])
+    assert again["status"] == "already_done"
+
+
+def test_resume_refuses_other_dataset_or_config(fast_cfg, make_cfg):
+    cfg = fast_cfg
+    world = make_world(cfg)
+    with pytest.raises(Stop):
+        jobs.train.run(cfg, epoch_callback=stop_after(1))
+    last = cfg.artifacts_dir / "runs" / world["model_version"] / "last.pt"
+    before = last.read_bytes()
+
+    other_cfg = make_cfg(**{**FAST, "train__lr": 0.01})
+    with pytest.raises(InputError, match="config hash"):
+        jobs.train.run(other_cfg)
+
+    with db.connect(cfg) as conn:
+        conn.execute(
+            sql.SQL("update {} set dataset_hash = %s where id = %s").format(
+                table(cfg, "model_training_runs")
+            ),
+            ("e" * 64, world["run_id"]),
+        )
+    with pytest.raises(InputError, match="dataset"):
+        jobs.train.run(cfg)
+    assert last.read_bytes() == before  # refused before touching anything
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_checkpoint_is_refused(fast_cfg, tmp_path):
+    cfg = fast_cfg
+    world = make_world(cfg, n=40)
+    marker = tmp_path / "pwned"
+    last = cfg.artifacts_dir / "runs" / world["model_version"] / "last.pt"
+    last.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"format": engine.CHECKPOINT_FORMAT, "model": _Evil(marker)}, last)
+    with pytest.raises(InputError, match="refusing to load"):
+        jobs.train.run(cfg)
+    assert not marker.exists()
+    # and a plain pickle file is refused the same way
+    last.write_bytes(pickle.dumps(_Evil(marker)))
+    with pytest.raises(InputError, match="refusing to load"):
+        M.load_weights_only(last)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("target", "metric", "extra"),
+    [
+        ("binary", "val_auc", {"train__sample_weighting": "sqrt_count"}),
+        ("distribution", "val_mae", {}),
+    ],
+)
+def test_other_targets_train(make_cfg, target, metric, extra):
+    cfg = make_cfg(**{**FAST, "train__target": target, **extra})
+    db.migrate(cfg)
+    make_world(cfg, n=200)
+    out = jobs.train.run(cfg)
+    assert out["status"] == "trained" and out["metric"] == metric
+    assert out["spec"]["target"] == target
+    model, ckpt = M.model_from_checkpoint(
+        cfg.artifacts_dir / "runs" / out["model_version"] / "best.pt"
+    )
+    x = torch.randint(0, 256, (3, 64, 64, 3), dtype=torch.uint8)
+    with torch.inference_mode():
+        raw = model(x)
+        scores = M.scores_from_outputs(raw, target)
+        # float NCHW 0..255 gives the same output as uint8 NHWC
+        raw_f = model(x.permute(0, 3, 1, 2).float())
+    assert raw.shape == (3, M.NUM_OUTPUTS[target])
+    assert torch.allclose(raw, raw_f, atol=1e-5)
+    assert bool(((scores >= 0) & (scores <= 5)).all())
+
+
+def test_resnet18_backbone_builds_and_steps(make_cfg):
+    spec = {"backbone": "resnet18", "target": "regression", "input_size": 64}
+    model = M.build_model(spec)
+    out = model(torch.zeros(2, 64, 64, 3, dtype=torch.uint8))
+    assert out.shape == (2, 1)
+    assert len(M.head_parameters(model)) == 2  # the new Linear's weight and bias
+    assert len(M.backbone_parameters(model)) + 2 == len(list(model.parameters()))
+
+
+def test_emd_loss_matches_hand_computed_value():
+    uniform_logits = torch.zeros(2, 6)
+    target = torch.tensor([[0, 0, 0, 0, 0, 1.0], [1.0, 0, 0, 0, 0, 0]])
+    # CDF(pred) = k/6; CDF(target) = [0,0,0,0,0,1] -> squared gaps (1+4+9+16+25+0)/36 over 6 bins
+    expected = math.sqrt(55 / 216)
+    got = engine.emd_loss(uniform_logits, target)
+    assert torch.allclose(got, torch.tensor([expected, expected]), atol=1e-6)
+    assert float(engine.emd_loss(torch.zeros(1, 6), torch.full((1, 6), 1 / 6))[0]) < 1e-5
+    # a peaked prediction on the right bin beats a uniform one
+    peaked = torch.tensor([[-20.0, -20, -20, -20, -20, 20]])
+    assert float(engine.emd_loss(peaked, target[:1])[0]) < 1e-4
+
+
+def test_histogram_smoothing_and_weights():
+    k = D.smoothing_kernel(0.5)
+    assert np.allclose(k.sum(axis=1), 1)
+    e2 = math.exp(-2)
+    assert k[4, 4] == pytest.approx(1 / (1 + 2 * e2 + math.exp(-8) + math.exp(-18) + math.exp(-32)))
+    assert np.allclose(D.smoothing_kernel(0), np.eye(6))
+    assert np.allclose(D.label_to_bins(3.25), [0, 0, 0, 0.75, 0.25, 0])
+    assert np.allclose(D.label_to_bins(5.0), [0, 0, 0, 0, 0, 1])
+    split = D.Split(
+        name="train",
+        snapshot_id=np.arange(3),
+        label=np.array([4.0, 2.5, 1.0]),
+        is_good=np.array([True, False, False]),
+        rating_count=np.array([1, 4, 0]),
+        hist=np.array([[0, 0, 0, 0, 1, 0], [0, 0, 2, 2, 0, 0], [0, 0, 0, 0, 0, 0.0]]),
+        manual=np.array([False, False, True]),
+        image_paths=[],
+    )
+    raw = D.distribution_targets(split, 0.0)
+    assert np.allclose(raw, [[0, 0, 0, 0, 1, 0], [0, 0, 0.5, 0.5, 0, 0], [0, 1, 0, 0, 0, 0]])
+    smooth = D.distribution_targets(split, 0.5)
+    assert np.allclose(smooth.sum(axis=1), 1) and np.allclose(smooth[0], k[4])
+    w = D.sample_weights(split, split, "sqrt_count")
+    assert w.mean() == pytest.approx(1.0, abs=1e-6)
+    assert w[1] / w[0] == pytest.approx(2.0)  # 4 raters count twice one rater
+    assert np.all(D.sample_weights(split, split, "none") == 1)
+
+
+def test_empty_or_single_valued_training_data_fails_the_run(fast_cfg):
+    cfg = fast_cfg
+    from train_fixtures import world_rows, write_images
+
+    rows = world_rows(60)
+    write_images(cfg, rows)
+    empty = [dict(r, split="val") if r["split"] == "train" else r for r in rows]
+    w1 = make_world(cfg, rows=empty, model_version="empty_v2_2026_01_01")
+    with pytest.raises(InputError, match="training split is empty"):
+        jobs.train.run(cfg, run=w1["run_id"])
+    status, reason = run_status(cfg, w1["run_id"])
+    assert status == "failed" and "empty" in reason
+    assert not (cfg.artifacts_dir / "runs" / "empty_v2_2026_01_01" / "best.pt").exists()
+
+    flat = [dict(r, label_value=3.0, is_good=False) for r in rows]
+    w2 = make_world(cfg, rows=flat, model_version="flat_v2_2026_01_01")
+    with pytest.raises(InputError, match="single-valued"):
+        jobs.train.run(cfg, run=w2["run_id"])
+    assert run_status(cfg, w2["run_id"])[0] == "failed"
+
+
+def test_non_finite_loss_fails_the_run(make_cfg):
+    cfg = make_cfg(**{**FAST, "train__lr": 1e30, "train__warmup_epochs": 0})
+    db.migrate(cfg)
+    world = make_world(cfg, n=120)
+    with pytest.raises(InputError, match="loss became"):
+        jobs.train.run(cfg)
+    status, reason = run_status(cfg, world["run_id"])
+    assert status == "failed" and "loss" in reason
+    assert not (cfg.artifacts_dir / "runs" / world["model_version"] / "best.pt").exists()
+
+
+def test_missing_imagenet_weights_stop_unless_random_init_allowed(make_cfg, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # an empty hub cache
+    cfg = make_cfg(**{**FAST, "train__weights": "imagenet"})
+    db.migrate(cfg)
+    world = make_world(cfg, n=40)
+    with pytest.raises(InputError, match=r"mobilenet_v3_small-047dcff4\.pth"):
+        jobs.train.run(cfg)
+    assert run_status(cfg, world["run_id"])[0] == "cached"  # fixable: not marked failed
+
+    # a local weights file (here: torchvision's architecture with its own init) is loaded
+    import torchvision
+
+    ref = torchvision.models.mobilenet_v3_small(weights=None)
+    path = tmp_path / "w.pth"
+    torch.save(ref.state_dict(), path)
+    cfg2 = make_cfg(**{**FAST, "train__weights": "imagenet", "train__weights_path": str(path)})
+    train = D.load_split(cfg2, world["model_version"], "train")
+    spec = {"backbone": "mobilenet_v3_small", "target": "regression", "input_size": 64}
+    model, used = engine.build_model(cfg2, spec, train, resuming=False)
+    assert used == f"imagenet:{path}"
+    assert torch.equal(model.backbone.features[0][0].weight, ref.features[0][0].weight)
+
+    cfg3 = make_cfg(**{**FAST, "train__weights": "imagenet", "train__allow_random_init": True})
+    _, used = engine.build_model(cfg3, spec, train, resuming=False)
+    assert used.startswith("random")
+
+
+def test_second_concurrent_train_exits_saying_so(fast_cfg):
+    cfg = fast_cfg
+    world = make_world(cfg, n=40)
+    with db.job_lock(cfg, "train", world["run_id"]) as held:
+        assert held
+        out = jobs.train.run(cfg)
+    assert out["status"] == "locked" and "another" in out["message"]
+    assert run_status(cfg, world["run_id"])[0] == "cached"
+    assert not (cfg.artifacts_dir / "runs" / world["model_version"] / "last.pt").exists()
