@@ -108,7 +108,9 @@ class CacheConfig(_Section):
     failure_rate_limit: float = Field(0.2, ge=0, le=1)
     # Exact "<ip>:<port>" targets allowed although not public (a local mirror, a test server);
     # everything else private stays refused. allow_private_networks opens all of them.
-    allowed_private_hosts: tuple[Annotated[str, Field(pattern=r"^(\[[0-9a-fA-F:.]+\]|[0-9.]+):\d{1,5}$")], ...] = ()
+    allowed_private_hosts: tuple[
+        Annotated[str, Field(pattern=r"^(\[[0-9a-fA-F:.]+\]|[0-9.]+):\d{1,5}$")], ...
+    ] = ()
     # file:// URLs (allow_file_urls) are read only below this directory; None: paths.data_dir.
     file_root: Path | None = None
     # CPU threads for decode/validate/resize (None: the CPUs this process may use).

@@ -4,7 +4,9 @@ test), configs pointing at it and at an isolated artifacts dir, and migrated sch
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,7 +25,7 @@ AIRATINGS = str(Path(sys.executable).parent / "airatings")
 
 
 @pytest.fixture(scope="session")
-def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def pg_server() -> Iterator[str]:
     """One embedded PostgreSQL for the whole session.
 
     TEST_DATABASE_URL=<url> uses a server you run; TEST_POSTGRES=testcontainers starts one in
@@ -40,13 +42,17 @@ def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         with PostgresContainer("postgres:18-alpine", driver=None) as pg:
             yield pg.get_connection_url()
         return
-    pgdata = tmp_path_factory.mktemp("pg") / "data"
+    # Not under pytest's rotated basetemp: a concurrent pytest run prunes old basetemps and
+    # would delete a live server's data directory.
+    root = Path(tempfile.mkdtemp(prefix="airatings-pg-"))
+    pgdata = root / "data"
     pgdata.mkdir()
     url = db.start_embedded(pgdata)
     try:
         yield url
     finally:
         db.stop_embedded(pgdata)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def _with_dbname(url: str, dbname: str) -> str:
