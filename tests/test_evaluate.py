@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import pytest
+from browser import inspect_page
 from psycopg import sql
 from train_fixtures import FAST, make_world, run_status
 
@@ -134,6 +135,12 @@ def test_evaluate_job_end_to_end(make_cfg):
     html = (run_dir / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 5
     assert 'src="http' not in html and "<script" not in html
+    # What a person sees in a real browser: every plot decodes, the sections are there.
+    seen = inspect_page(run_dir / "report.html")
+    assert seen["images"] == 5 and seen["decoded"] == 5, seen["broken"]
+    assert seen["title"] == f"Evaluation: {version}"
+    assert {"Summary", "Plots", "Slices"} <= set(seen["headings"])
+    assert seen["tables"] >= 3
 
     rows = _db_rows(cfg, version)
     mae_row = next(r for r in rows if r[0] == "all" and r[1] == "mae")

@@ -12,6 +12,8 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
+import structlog
+
 from jobs import db
 from jobs.logs import get_logger
 
@@ -30,7 +32,12 @@ def run(cfg: Config) -> dict[str, Any]:
     def step(name: str, fn, *args, **kwargs) -> dict[str, Any]:
         t0 = time.monotonic()
         log.info("demo_step_started", step=name)
-        out = fn(*args, **kwargs) or {}
+        context = structlog.contextvars.get_contextvars()
+        try:
+            out = fn(*args, **kwargs) or {}
+        finally:  # a step's bound context (run_id, seed...) must not leak into the next step
+            structlog.contextvars.clear_contextvars()
+            structlog.contextvars.bind_contextvars(**context)
         out["seconds"] = round(time.monotonic() - t0, 2)
         steps[name] = out
         log.info("demo_step_finished", step=name, seconds=out["seconds"])
