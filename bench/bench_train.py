@@ -106,7 +106,7 @@ def main() -> None:
             drop_last=True,
             num_workers=args.workers,
             generator=g,
-            worker_init_fn=engine.seed_worker,
+            worker_init_fn=engine.worker_init_for(torch.device("cpu")),
             persistent_workers=args.workers > 0,
         )
         state = {"it": iter(loader)}

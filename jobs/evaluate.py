@@ -666,7 +666,19 @@ def render_report(
     allm = metrics["all"]
     head = R.table(
         ["metric", "value", "CI low", "CI high", "n"],
-        [(k, m["value"], m["ci_low"], m["ci_high"], m["n"]) for k, m in allm.items()],
+        [
+            # a metric without a bootstrap interval (bias) shows a dash, not "insufficient data"
+            (
+                k,
+                m["value"],
+                *(
+                    m[c] if m[c] is not None or m["value"] is None else "-"
+                    for c in ("ci_low", "ci_high")
+                ),
+                m["n"],
+            )
+            for k, m in allm.items()
+        ],
     )
     cm = result["confusion_matrix"] or {}
     conf = R.table(

@@ -57,7 +57,7 @@ from jobs.artifacts import TEMP_PREFIX
 if TYPE_CHECKING:
     from jobs.config import Config
 
-USER_AGENT = "ai-ratings-cache/1 (+https://github.com/; image cache)"
+USER_AGENT = "ai-ratings-cache/1 (image cache for training)"
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 RETRY_AFTER_STATUSES = frozenset({429, 503})
 _CHUNK = 1 << 16

@@ -1,0 +1,90 @@
+"""The demo lifecycle end to end on a small world: seed -> dbt + export -> cache -> train ->
+evaluate, through `jobs.demo.lifecycle.run` (what `just demo` runs). The demo world's planted
+faults must come out of the cache with the right reasons, and re-running changes nothing."""
+
+from __future__ import annotations
+
+import pyarrow.parquet as pq
+from conftest import DEMO
+from train_fixtures import FAST
+
+from jobs import db
+from jobs.demo import lifecycle
+
+# What each planted fault must look like in failures.parquet.
+EXPECTED_REASON = {
+    "dead_url": "file_not_found",
+    "webcam_images_missing": "file_not_found",
+    "truncated_jpeg": "truncated",
+    "html_as_jpg": "not_an_image",
+}
+
+
+def test_demo_lifecycle_on_a_small_world(make_cfg):
+    cfg = make_cfg(
+        DEMO,
+        **{**FAST, "train__epochs": 2},
+        demo__snapshots=400,
+        demo__image_width=160,
+        demo__image_height=90,
+        dataset__min_rating_count=1,
+        evaluate__min_test_rows=10,
+        evaluate__bootstrap_samples=100,
+    )
+    out = lifecycle.run(cfg)
+    assert out["status"] == "done"
+    steps = out["steps"]
+    assert steps["export"]["status"] == "exported"
+    assert steps["cache"]["status"] == "cached"
+    assert steps["train"]["status"] == "trained"
+    assert steps["evaluate"]["status"] == "evaluated"
+    version = out["model_version"]
+
+    # Every failed snapshot is one the world planted a fault in, with the matching reason,
+    # and every planted image fault among the exported snapshots was caught.
+    truth = {
+        r["snapshot_id"]: r["fault"]
+        for r in pq.read_table(cfg.data_dir / "demo-truth.parquet").to_pylist()
+    }
+    run_dir = cfg.artifacts_dir / "runs" / version
+    failures = pq.read_table(run_dir / "failures.parquet").to_pylist()
+    assert failures, "the demo world plants image faults; some must reach the cache"
+    for f in failures:
+        assert EXPECTED_REASON.get(truth[f["snapshot_id"]]) == f["reason"], f
+    exported = (
+        pq.read_table(steps["export"]["dataset_dir"] + "/manifest_full.parquet")
+        .column("snapshot_id")
+        .to_pylist()
+    )
+    planted = {s for s in exported if truth[s] in EXPECTED_REASON}
+    assert planted == {f["snapshot_id"] for f in failures}
+    # NULL/empty URLs never reach the cache: the dbt gate drops them
+    assert not {s for s in exported if truth[s] in {"null_url", "empty_url"}}
+
+    # The active manifests hold exactly the exported rows minus the failures.
+    active = sum(
+        pq.read_table(run_dir / "active" / f"manifest_{s}.parquet").num_rows
+        for s in ("train", "val", "test")
+    )
+    assert active == len(exported) - len(failures)
+
+    # Provenance: the run's label rows are exactly the exported manifest.
+    with db.connect(cfg) as conn:
+        labels = conn.execute(
+            "select count(*) from airatings.model_training_snapshot_labels l"
+            " join airatings.model_training_runs r on r.id = l.training_run_id where r.model_version = %s",
+            (version,),
+        ).fetchone()[0]
+        status = conn.execute(
+            "select status from airatings.model_training_runs where model_version = %s", (version,)
+        ).fetchone()[0]
+    assert labels == len(exported)
+    assert status == "evaluated"
+
+    # Running the demo again resumes: same dataset, nothing fetched, training already done.
+    again = lifecycle.run(cfg)
+    assert again["model_version"] == version
+    assert again["dataset_hash"] == out["dataset_hash"]
+    assert again["steps"]["export"]["status"] == "already_exported"
+    assert again["steps"]["cache"]["status"] in {"already_done", "cached"}
+    assert again["steps"]["train"]["status"] == "already_done"
