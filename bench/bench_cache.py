@@ -10,7 +10,9 @@ fixed added latency) and an embedded PostgreSQL in a temp dir, then measures:
    validation (draft-mode decode), the 256 px training copy, the index, failures, manifests;
 3. the resume: a second run over the same URLs (zero requests).
 
-Prints files/s and the ratio job/bare (goal >= 0.8), plus the resume's rows/s.
+Prints files/s and the ratio job/bare (goal >= 0.8), plus the resume's rows/s. Also the CPU
+limit of the per-image work alone (same bodies, same threads, no network) and the job's ratio
+to the lower of the two limits: on a small machine the decode, not the network, binds.
 """
 
 from __future__ import annotations
@@ -108,6 +110,47 @@ async def _bare(urls: list[str], concurrency: int) -> tuple[float, int]:
         return time.perf_counter() - t, total
 
 
+async def _bodies(urls: list[str]) -> list[bytes]:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as session:
+        out = []
+        for u in urls:
+            async with session.get(u) as r:
+                out.append(await r.read())
+        return out
+
+
+def _cpu_limit(cfg, bodies: list[bytes], workers: int) -> float:
+    """files/s of the job's own per-image CPU work (validate with one draft decode, training
+    copy, content-addressed rename) on the same bodies with the job's thread count, no network:
+    the most any downloader doing that work can reach on this machine."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from jobs import cache
+    from jobs.artifacts import sha256_bytes
+
+    c = cfg.cache
+    params = cache.StoreParams(
+        root=cfg.artifacts_dir / "cpu-limit",
+        max_pixels=c.max_pixels,
+        formats=c.formats,
+        short_side=c.train_short_side,
+        quality=c.jpeg_quality,
+    )
+    staging = params.root / "images" / "original"
+    staging.mkdir(parents=True)
+    tmps = []
+    for i, body in enumerate(bodies):
+        p = staging / f".tmp-{i}"
+        p.write_bytes(body)
+        tmps.append((p, sha256_bytes(body)))
+    t = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(lambda a: cache.store_image(a[0], a[1], params), tmps))
+    return len(bodies) / (time.perf_counter() - t)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--files", type=int, default=2000)
@@ -154,6 +197,9 @@ def main() -> None:
             t = time.perf_counter()
             s2 = cache.run(cfg, run=run2.model_version, env={})
             resume_s = time.perf_counter() - t
+            sample = asyncio.run(_bodies(urls[: min(400, len(urls))]))
+            workers = cfg.cache.cpu_workers or len(os.sched_getaffinity(0))
+            cpu_fps = _cpu_limit(cfg, sample, workers)
         finally:
             db.stop_embedded(pgdata)
             server.terminate()
@@ -169,6 +215,8 @@ def main() -> None:
         "job_files_per_s": round(args.files / job_s, 1),
         "job_mb_per_s": round(s1["fetch"]["bytes"] / job_s / 1e6, 1),
         "job_vs_bare": round(bare_s / job_s, 3),
+        "cpu_limit_files_per_s": round(cpu_fps, 1),
+        "job_vs_limit": round((args.files / job_s) / min(args.files / bare_s, cpu_fps), 3),
         "job_failed_rows": s1["failed_rows"],
         "resume_requests": s2["fetch"]["requests"],
         "resume_seconds": round(resume_s, 3),
@@ -187,6 +235,13 @@ def main() -> None:
         f"cache job         : {out['job_files_per_s']:8.1f} files/s  {out['job_mb_per_s']} MB/s  failed={out['job_failed_rows']}"
     )
     print(f"ratio job/bare    : {out['job_vs_bare']:.2f}x  (goal >= 0.8)")
+    print(
+        f"cpu limit         : {out['cpu_limit_files_per_s']:8.1f} files/s  (validate + training copy,"
+        " same threads, no network)"
+    )
+    print(
+        f"ratio job/limit   : {out['job_vs_limit']:.2f}x  (job vs the lower of bare loop and cpu limit)"
+    )
     print(
         f"resume            : {out['resume_rows_per_s']:8.1f} rows/s  requests={out['resume_requests']}  {out['resume_seconds']} s"
     )
