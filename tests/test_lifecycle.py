@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 from conftest import DEMO
 from train_fixtures import FAST
 
-from jobs import db
+from jobs import db, dbt_runner
 from jobs.demo import lifecycle
 
 # What each planted fault must look like in failures.parquet.
@@ -80,6 +80,11 @@ def test_demo_lifecycle_on_a_small_world(make_cfg):
         ).fetchone()[0]
     assert labels == len(exported)
     assert status == "evaluated"
+
+    # `airatings dbt test` passes on the demo world (the demo builds the whole project).
+    assert steps["dbt"]["results"].get("error", 0) == 0
+    tested = dbt_runner.cli(cfg, ["test"])
+    assert tested["results"].get("pass", 0) > 0 and set(tested["results"]) == {"pass"}
 
     # Running the demo again resumes: same dataset, nothing fetched, training already done.
     again = lifecycle.run(cfg)

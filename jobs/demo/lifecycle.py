@@ -1,7 +1,8 @@
 """`airatings demo run` (what `just demo` runs): the lifecycle on the embedded defaults.
 
 Starts the embedded PostgreSQL if no DATABASE_URL is set, applies migrations, seeds the
-synthetic world, then runs export (which builds and tests dbt first), cache, train and
+synthetic world, builds and tests the whole dbt project, then runs export (which builds the
+training selection again and refuses on any failed test), cache, train and
 evaluate, each through the same function its own subcommand calls. Every step is safe to run
 again, so re-running the demo resumes: an unchanged world reuses its dataset, cached images are
 not fetched again, and a trained run resumes from its last checkpoint.
@@ -24,7 +25,7 @@ log = get_logger()
 
 
 def run(cfg: Config) -> dict[str, Any]:
-    from jobs import cache, demo, evaluate, export, train
+    from jobs import cache, dbt_runner, demo, evaluate, export, train
 
     steps: dict[str, Any] = {}
     started = time.monotonic()
@@ -46,6 +47,9 @@ def run(cfg: Config) -> dict[str, Any]:
     step("database", lambda: {"url": db.redact(db.database_url(cfg))})
     step("migrate", db.migrate, cfg)
     step("seed", demo.seed, cfg)
+    # The whole dbt project (the export builds only what training reads), so that
+    # `airatings dbt test` and `dbt docs` see every model afterwards.
+    step("dbt", dbt_runner.build, cfg, "airatings")
     exported = step("export", export.run, cfg)
     model_version = exported.get("model_version", "latest")
     step("cache", cache.run, cfg, run=model_version)
