@@ -425,11 +425,20 @@ async def cache_urls(
         progress.update(res)
         await flush()
 
+    refetched: list[str] = []
+
     async def regen_one(url: str, sha: str, ext: str) -> None:
         try:
             await loop.run_in_executor(pool, regenerate_train_copy, sha, ext, params)
-        except ImageRejected as exc:  # the stored original no longer validates: fetch again
-            results[url] = UrlResult(url, reason=exc.reason)
+        except (ImageRejected, FileNotFoundError):
+            # The stored original no longer validates (damaged on disk) or vanished: drop it
+            # and fetch the URL again, instead of failing it on every future run.
+            with contextlib.suppress(FileNotFoundError):
+                (params.root / original_rel(sha, ext)).unlink()
+            del results[url]
+            refetched.append(url)
+            await one(url)
+            return
         progress.update(results[url])
 
     try:
@@ -446,9 +455,9 @@ async def cache_urls(
         pool.shutdown(wait=True, cancel_futures=True)
     stats = {
         "urls": len(urls),
-        "from_index": len(urls) - len(to_fetch),
-        "fetched": len(to_fetch),
-        "train_copies_regenerated": len(regen),
+        "from_index": len(urls) - len(to_fetch) - len(refetched),
+        "fetched": len(to_fetch) + len(refetched),
+        "train_copies_regenerated": len(regen) - len(refetched),
         "requests": fetcher.stats.requests,
         "files_read": fetcher.stats.files_read,
         "retries": fetcher.stats.retries,

@@ -8,8 +8,8 @@
   redirect hop, because redirects are followed by hand (``allow_redirects=False``), at most
   ``max_redirects``, and never to another scheme than http(s).
 - **Limits**: one session, a total connection limit and a per-host limit (aiohttp's per-host
-  default is unlimited), a connect timeout and a total per-attempt deadline that also covers
-  the body (``sock_read`` alone lets a server drip one byte a second forever), a size cap
+  default is unlimited; a request waits for its host's slot before its clock starts), a
+  connect timeout and a total per-attempt deadline that also covers the body (``sock_read`` alone lets a server drip one byte a second forever), a size cap
   counted on decompressed bytes with a declared ``Content-Length`` over the cap refused before
   reading.
 - **Retries** with tenacity: 429/503 honour ``Retry-After`` (seconds or an HTTP date; malformed
@@ -125,7 +125,9 @@ def embedded_ipv4(
         return ip.sixtofour
     if ip.teredo is not None:
         return ip.teredo[1]
-    if ip in _NAT64:
+    if ip in _NAT64 or int(ip) >> 32 == 0:
+        # NAT64, or the deprecated IPv4-compatible form ``::a.b.c.d`` (``::/96``), which some
+        # stacks still route to the IPv4 address: ``[::127.0.0.1]`` is loopback.
         return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
     return None
 
@@ -251,8 +253,10 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
     if value is None:
         return None
     v = value.strip()
-    if v.isdigit():
-        return float(int(v))
+    if v.isascii() and v.isdigit():
+        # float(), not int(): "²".isdigit() is True (hence isascii) and int() refuses strings
+        # over 4,300 digits; a huge value becomes inf, which the wait caps.
+        return float(v)
     try:
         dt = email.utils.parsedate_to_datetime(v)
     except (TypeError, ValueError, IndexError):
@@ -324,6 +328,18 @@ class Fetcher:
         )
         self.stats = FetchStats()
         self._session: aiohttp.ClientSession | None = None
+        self._host_slots: dict[tuple[str, int | None], asyncio.Semaphore] = {}
+
+    def _host_slot(self, url: URL) -> asyncio.Semaphore:
+        """A per-host slot taken *before* the attempt's deadline starts: with many URLs on one
+        host (Firebase Storage serves them all) the waiting happens here, not in aiohttp's
+        pool queue, where it would count against the connect and total timeouts and turn a
+        busy host into spurious ``timeout`` failures."""
+        key = ((url.host or "").lower(), url.port)
+        slot = self._host_slots.get(key)
+        if slot is None:
+            slot = self._host_slots[key] = asyncio.Semaphore(self.per_host)
+        return slot
 
     @classmethod
     def from_config(cls, cfg: Config, **kw: Any) -> Fetcher:
@@ -411,7 +427,8 @@ class Fetcher:
                     attempts = attempt.retry_state.attempt_number
                     if attempts > 1:
                         self.stats.retries += 1
-                    result = await self._attempt(parsed, dest_dir, head_check)
+                    async with self._host_slot(parsed):  # not held while backing off
+                        result = await self._attempt(parsed, dest_dir, head_check)
                     result.attempts = attempts
                     return result
         except FetchFailed as exc:

@@ -142,10 +142,13 @@ def load_image(
                 w, h = img.size
                 if w < 1 or h < 1:
                     raise ImageRejected("corrupt", f"size {w}x{h}")
-                if w * h > max_pixels:
-                    raise ImageRejected(
-                        "decompression_bomb", f"{w}x{h} is over {max_pixels} pixels"
-                    )
+                # Never above Pillow's own limit either: ``warnings.catch_warnings`` is not
+                # thread-safe (the cache decodes in a thread pool), so another thread leaving
+                # its block can drop the "error" filter and DecompressionBombWarning would
+                # only warn. This check does not depend on the warning filter.
+                cap = min(max_pixels, Image.MAX_IMAGE_PIXELS or max_pixels)
+                if w * h > cap:
+                    raise ImageRejected("decompression_bomb", f"{w}x{h} is over {cap} pixels")
                 if getattr(img, "n_frames", 1) > 1:
                     img.seek(0)  # animated: the first frame
                 if draft_short_side and img.format == "JPEG" and min(w, h) > draft_short_side:

@@ -170,7 +170,8 @@ def _build_app(srv: Server) -> web.Application:
     async def retry_after(request: web.Request) -> web.Response:
         if srv.hits[request.path_qs] <= 1:
             value = request.query.get("v", request.match_info["value"])
-            return web.Response(status=429, headers={"Retry-After": value}, text="slow down")
+            code = int(request.query.get("code", "429"))
+            return web.Response(status=code, headers={"Retry-After": value}, text="slow down")
         return image(request.match_info["name"])
 
     @routes.get("/drip")

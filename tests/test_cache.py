@@ -176,6 +176,26 @@ def test_resume_makes_zero_requests(ccfg, server: Server) -> None:
     assert second["active_rows"] == 30
 
 
+def test_a_damaged_cached_original_is_fetched_again(ccfg, server: Server) -> None:
+    cfg = ccfg()
+    urls = good_urls(server, 3, prefix="d")
+    first = cache.run(cfg, run=make_exported_run(cfg, urls).model_version, env={})
+    t = pq.read_table(first["active_dir"] + "/manifest_train.parquet")
+    sha, orig = t.column("image_sha256")[0].as_py(), t.column("image_path")[0].as_py()
+    good_bytes = (cfg.artifacts_dir / orig).read_bytes()
+    # Damaged on disk, same size (the index's size check passes), training copy lost.
+    (cfg.artifacts_dir / orig).write_bytes(b"\0" * len(good_bytes))
+    (cfg.artifacts_dir / cache.train_rel(sha, 256)).unlink()
+    server.reset()
+    second = cache.run(
+        cfg, run=make_exported_run(cfg, urls, version="test_v2_damaged_2").model_version, env={}
+    )
+    assert second["active_rows"] == 3 and second["failed_rows"] == 0
+    assert server.total_requests == 1 and second["fetch"]["fetched"] == 1
+    assert (cfg.artifacts_dir / orig).read_bytes() == good_bytes
+    assert (cfg.artifacts_dir / cache.train_rel(sha, 256)).is_file()
+
+
 def test_failure_rate_over_the_limit_fails_loudly(ccfg, server: Server) -> None:
     cfg = ccfg(cache__failure_rate_limit=0.2)
     urls = (

@@ -116,6 +116,7 @@ def test_persistent_5xx_gives_up_after_max_attempts(server: Server, tmp_path: Pa
         (email.utils.format_datetime(datetime.fromtimestamp(NOW + 30, UTC), usegmt=True), 30.0),
         (email.utils.format_datetime(datetime.fromtimestamp(NOW - 30, UTC), usegmt=True), 0.0),
         ("99999", 60.0),  # capped
+        ("9" * 5000, 60.0),  # over int()'s 4,300-digit limit: capped, not a crash
         ("soon", None),  # malformed -> backoff
         ("-5", None),
     ],
@@ -137,11 +138,23 @@ def test_429_honours_retry_after(
         assert sleeps[0] == pytest.approx(expected, abs=1e-6)
 
 
+def test_503_honours_retry_after_too(server: Server, tmp_path: Path) -> None:
+    server.add("u.jpg", jpeg(40, 40))
+    out, sleeps, _ = fetch(server, server.url("/retry-after/503/x/u.jpg?v=7&code=503"), tmp_path)
+    assert (
+        out.attempts == 2
+        and sleeps == [7.0]
+        and server.hits["/retry-after/503/x/u.jpg?v=7&code=503"] == 2
+    )
+
+
 def test_parse_retry_after_forms() -> None:
     assert parse_retry_after("120", NOW) == 120.0
     assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", NOW) == 0.0  # in the past
     assert parse_retry_after("", NOW) is None and parse_retry_after(None, NOW) is None
     assert parse_retry_after("1.5", NOW) is None
+    # Unicode digits pass str.isdigit() but are not delta-seconds (int("²") raises)
+    assert parse_retry_after("²", NOW) is None and parse_retry_after("١٢", NOW) is None
 
 
 def test_slow_drip_hits_the_total_deadline(server: Server, tmp_path: Path) -> None:
@@ -227,6 +240,8 @@ def test_redirect_loop_stops(server: Server, tmp_path: Path) -> None:
         "http://192.168.1.1/",
         "http://[fd00::1]/",
         "http://[64:ff9b::7f00:1]/",  # NAT64 of 127.0.0.1
+        "http://[::127.0.0.1]/",  # IPv4-compatible (deprecated) form of 127.0.0.1
+        "http://[::a9fe:a9fe]/",  # ... and of 169.254.169.254
         "https://user:pw@example.com/x.jpg",
         "javascript:alert(1)",
         "file:///etc/passwd",  # file URLs not allowed by this policy
@@ -297,6 +312,32 @@ def test_per_host_limit_holds(server: Server, tmp_path: Path) -> None:
     results = asyncio.run(go())
     assert len(results) == 12 and all(r.size for r in results)
     assert server.max_active == 3  # never more than 3 at once, and the limit was reached
+
+
+def test_waiting_for_a_busy_host_does_not_count_against_the_deadline(
+    server: Server, tmp_path: Path
+) -> None:
+    # 12 URLs on one host, 2 at a time, 0.15 s each: the last waits ~0.9 s for a slot. The
+    # connect (0.3 s) and total (0.5 s) deadlines bound each request, not its wait in line.
+    server.add("q.jpg", jpeg(20, 20))
+    urls = [server.url(f"/slow/q.jpg?i={i}") for i in range(12)]
+
+    async def go():
+        async with Fetcher(
+            policy(server),
+            concurrency=20,
+            per_host=2,
+            connect_timeout_s=0.3,
+            total_timeout_s=0.5,
+            max_attempts=1,
+        ) as f:
+            return await asyncio.gather(
+                *(f.fetch(u, tmp_path) for u in urls), return_exceptions=True
+            )
+
+    results = asyncio.run(go())
+    assert [r for r in results if isinstance(r, BaseException)] == []
+    assert server.max_active == 2
 
 
 def test_redact_url_drops_tokens() -> None:

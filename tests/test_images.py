@@ -109,6 +109,19 @@ def test_pillow_bomb_warning_is_an_error(monkeypatch: pytest.MonkeyPatch) -> Non
     assert err.value.reason == "decompression_bomb"
 
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_pillow_limit_holds_without_the_warning_filter(monkeypatch: pytest.MonkeyPatch) -> None:
+    # catch_warnings is not thread-safe: a decode thread may run while another thread has just
+    # restored the filters. Simulate a lost "error" filter; the pixel check must still refuse.
+    import jobs.images
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    monkeypatch.setattr(jobs.images.warnings, "simplefilter", lambda *a, **k: None)
+    with pytest.raises(ImageRejected) as err:
+        load_image(encode(gradient(40, 40), "PNG"), max_pixels=BIG)
+    assert err.value.reason == "decompression_bomb"
+
+
 def test_draft_decode_keeps_the_short_side_at_least_the_target() -> None:
     img = load_image(jpeg(2000, 1200), max_pixels=BIG, draft_short_side=256)
     assert min(img.size) >= 256 and img.size[0] < 2000  # reduced by DCT scaling

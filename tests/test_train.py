@@ -118,6 +118,22 @@ def test_resume_refuses_other_dataset_or_config(fast_cfg, make_cfg):
     assert last.read_bytes() == before  # refused before touching anything
 
 
+def test_resume_refuses_other_training_rows_of_the_same_dataset(fast_cfg):
+    # Same run, same dataset hash, but the active manifests changed (re-cached with other
+    # downloads failing): the epochs in last.pt were trained on other rows.
+    cfg = fast_cfg
+    world = make_world(cfg, n=60)
+    with pytest.raises(Stop):
+        jobs.train.run(cfg, epoch_callback=stop_after(1))
+    last = cfg.artifacts_dir / "runs" / world["model_version"] / "last.pt"
+    assert M.load_weights_only(last)["data_hash"]
+    before = last.read_bytes()
+    write_manifests(cfg, world["model_version"], world["rows"][5:])
+    with pytest.raises(InputError, match="other training rows"):
+        jobs.train.run(cfg)
+    assert last.read_bytes() == before
+
+
 class _Evil:
     def __init__(self, marker):
         self.marker = marker

@@ -428,6 +428,29 @@ def load_resume_checkpoint(
     return ckpt
 
 
+def training_data_hash(*splits: D.Split) -> str:
+    """The rows training actually reads (the *active* manifests: ids, labels, histograms,
+    counts and image content names). The run's dataset hash names the export; the active
+    rows also depend on which downloads succeeded, and a re-cache can change them."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for s in splits:
+        h.update(f"{s.name}:{len(s)}".encode())
+        for a in (s.snapshot_id, s.label, s.is_good, s.rating_count, s.hist, s.manual):
+            h.update(np.ascontiguousarray(a).tobytes())
+        h.update("\n".join(p.name for p in s.image_paths).encode())  # <sha256>.jpg
+    return h.hexdigest()
+
+
+def check_resume_data(ckpt: dict[str, Any], path: Path, data_hash: str) -> None:
+    if ckpt.get("data_hash", data_hash) != data_hash:
+        raise InputError(
+            f"{path} was trained on other training rows (active manifests {ckpt['data_hash'][:12]}, "
+            f"now {data_hash[:12]}: the run was re-cached); refusing to resume (delete it to start over)"
+        )
+
+
 def write_history(path: Path, history: list[dict[str, Any]]) -> None:
     buf = io.StringIO()
     writer = csv.DictWriter(
@@ -476,6 +499,9 @@ def main(
 
     data = build_data(cfg, run, device)
     train, val = data["train"], data["val"]
+    data_hash = training_data_hash(train, val)
+    if resume is not None:
+        check_resume_data(resume, last_path, data_hash)
     model, weights_used = build_model(cfg, spec, train, resuming=resume is not None)
     if resume is not None:
         model.load_state_dict(resume["model"])
@@ -581,6 +607,7 @@ def main(
             "history": history,
             "config_hash": cfg.config_hash,
             "dataset_hash": run.dataset_hash,
+            "data_hash": data_hash,
             "model_version": run.model_version,
             "weights_used": weights_used,
             "train_label_mean": float(train.label.mean()),
@@ -633,6 +660,7 @@ def main(
         "img_per_s": history[-1]["img_per_s"] if history else None,
         "config_hash": cfg.config_hash,
         "dataset_hash": run.dataset_hash,
+        "training_data_hash": data_hash,
         "library_versions": library_versions(),
         "seconds": round(time.monotonic() - started, 3),
     }
