@@ -68,9 +68,21 @@ def atomic_path(
             check(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        if not overwrite and final.exists():
-            raise InputError(f"{final} already exists and is write-once")
-        os.replace(tmp, final)
+        if overwrite:
+            os.replace(tmp, final)
+        else:
+            # link() fails if final exists, atomically: of two writers racing for a write-once
+            # name exactly one wins (an exists() check before replace() would let both in).
+            try:
+                os.link(tmp, final)
+            except FileExistsError:
+                raise InputError(f"{final} already exists and is write-once") from None
+            except OSError:  # a filesystem without hard links: the best we can do
+                if final.exists():
+                    raise InputError(f"{final} already exists and is write-once") from None
+                os.replace(tmp, final)
+            else:
+                tmp.unlink()
         _fsync_dir(final.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -113,7 +125,15 @@ def write_once(final: str | Path, data: bytes) -> Path:
         if sha256_file(final) == sha256_bytes(data):
             return final
         raise InputError(f"{final} already exists with different content; versions are immutable")
-    return atomic_write_bytes(final, data, overwrite=False)
+    try:
+        return atomic_write_bytes(final, data, overwrite=False)
+    except InputError:
+        # another writer got there first: fine if it wrote the same bytes
+        if final.exists() and sha256_file(final) == sha256_bytes(data):
+            return final
+        raise InputError(
+            f"{final} already exists with different content; versions are immutable"
+        ) from None
 
 
 def verify_sha256(path: str | Path, expected: str) -> None:

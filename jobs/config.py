@@ -258,13 +258,39 @@ class Config(BaseModel):
 # ---- loading ---------------------------------------------------------------------------
 
 
+class _SafeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` (no ``!!python/...`` tags) that also reads ``1e-3`` as a float.
+
+    PyYAML follows YAML 1.1, where a float needs a dot (``1.0e-3``); ``1e-3`` would stay a
+    string, which the strict validation below then refuses. YAML 1.2 and every user read it as
+    a number."""
+
+
+_SafeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_SafeLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     if path.resolve() in seen:
         raise ConfigError(f"{path}: 'extends' loops back to itself")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = _yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         # safe_load refuses !!python/... tags with a ConstructorError naming the tag.
         raise ConfigError(f"{path}: not valid safe YAML: {exc}") from None
@@ -319,7 +345,7 @@ def _apply_env(data: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
         if len(parts) != 2 or not all(parts):
             raise ConfigError(f"{var}: expected AIR__<SECTION>__<KEY>")
         try:
-            value = yaml.safe_load(raw)
+            value = _yaml(raw)
         except yaml.YAMLError as exc:
             raise ConfigError(f"{var}: not a valid YAML value: {exc}") from None
         put(parts[0], parts[1], value, var)
@@ -337,12 +363,36 @@ def _format_validation_error(source: str, exc: ValidationError) -> str:
     return "\n".join(lines)
 
 
+def _plain(value: Any, key: str) -> Any:
+    """``value`` as plain JSON data (mappings with string keys, lists, scalars), or a
+    ConfigError naming the key (YAML dates, sets, binary, non-string keys...)."""
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise ConfigError(f"{key or '<root>'}: key {k!r} must be a string")
+            out[k] = _plain(v, f"{key}.{k}" if key else k)
+        return out
+    if isinstance(value, list | tuple):
+        return [_plain(v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if value is None or isinstance(value, str | bool | int | float):
+        return value
+    raise ConfigError(f"{key}: a {type(value).__name__} is not a valid config value")
+
+
 def load_config(path: str | Path | None = None, env: dict[str, str] | None = None) -> Config:
-    """Load, merge, override and validate. Raises ConfigError (exit 2) on any problem."""
+    """Load, merge, override and validate. Raises ConfigError (exit 2) on any problem.
+
+    Validation is strict (as for JSON input): a wrong type is an error, never coerced, so
+    ``allow_file_urls: 1`` or ``epochs: true`` or ``epochs: "3"`` names the key instead of
+    quietly becoming ``True`` or ``1`` or ``3``. Integers are accepted where a float is expected.
+    """
     path = Path(path) if path is not None else DEFAULT_CONFIG
     env = dict(os.environ) if env is None else env
-    data = _apply_env(_read_yaml(path), env)
+    data = _plain(_apply_env(_read_yaml(path), env), "")
     try:
-        return Config.model_validate({**data, "source": str(path)})
+        return Config.model_validate_json(
+            json.dumps({**data, "source": str(path)}, allow_nan=True), strict=True
+        )
     except ValidationError as exc:
         raise ConfigError(_format_validation_error(str(path), exc)) from None

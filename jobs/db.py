@@ -138,6 +138,8 @@ def conninfo_parts(url: str) -> dict[str, Any]:
         "user": d.get("user") or os.environ.get("PGUSER", "postgres"),
         "password": d.get("password") or "",
         "dbname": d.get("dbname") or "postgres",
+        # verify-full in DATABASE_URL must not become dbt's default 'prefer'
+        "sslmode": d.get("sslmode") or os.environ.get("PGSSLMODE") or "prefer",
     }
 
 
@@ -233,6 +235,7 @@ def migrate(cfg: Config, *, files: list[tuple[int, str, str]] | None = None) -> 
     skipped; a changed applied file is an error. A concurrent second ``migrate`` waits for the
     lock, then finds nothing to do.
     """
+    import psycopg
     from psycopg import sql
 
     files = migration_files() if files is None else files
@@ -274,6 +277,12 @@ def migrate(cfg: Config, *, files: list[tuple[int, str, str]] | None = None) -> 
                     )
                     try:
                         conn.execute(text)
+                    except psycopg.OperationalError as exc:
+                        # The server went away (restart, network, killed backend): not the
+                        # migration's fault, and nothing was committed. Worth a retry.
+                        raise TransientError(
+                            f"migration {name} was interrupted and rolled back: {exc}"
+                        ) from exc
                     except Exception as exc:
                         raise InputError(
                             f"migration {name} failed and was rolled back: {exc}"
@@ -287,7 +296,9 @@ def migrate(cfg: Config, *, files: list[tuple[int, str, str]] | None = None) -> 
                 applied_now.append(name)
                 log.info("migration_applied", migration=name)
         finally:
-            conn.execute("select pg_advisory_unlock(%s)", (lock_key("airatings", "migrate"),))
+            # A broken connection has released the lock already; do not mask the real error.
+            if not conn.broken:
+                conn.execute("select pg_advisory_unlock(%s)", (lock_key("airatings", "migrate"),))
     return {
         "schema": schema,
         "applied": applied_now,

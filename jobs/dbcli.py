@@ -47,9 +47,8 @@ def status(cfg: Config) -> dict[str, Any]:
             return out
     with db.connect(cfg) as conn:
         out["server_version"] = conn.execute("show server_version").fetchone()[0]
-        exists = conn.execute(
-            "select to_regclass(%s) is not null", (f"{cfg.database.ml_schema}.schema_migrations",)
-        ).fetchone()[0]
+        qualified = sql.Identifier(cfg.database.ml_schema, "schema_migrations").as_string(conn)
+        exists = conn.execute("select to_regclass(%s) is not null", (qualified,)).fetchone()[0]
         applied = []
         if exists:
             applied = [

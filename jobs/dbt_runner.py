@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from jobs.errors import ConfigError, InputError, TransientError
+from jobs.errors import ConfigError, InputError, JobError, TransientError
 from jobs.logs import get_logger
 
 if TYPE_CHECKING:
@@ -100,6 +100,7 @@ def profile_env(cfg: Config) -> dict[str, str]:
         "AIR_DBT_USER": str(parts["user"]),
         "AIR_DBT_PASSWORD": str(parts["password"]),
         "AIR_DBT_DBNAME": str(parts["dbname"]),
+        "AIR_DBT_SSLMODE": str(parts["sslmode"]),
         "AIR_DBT_SCHEMA": cfg.database.dbt_schema,
         "AIR_DBT_THREADS": str(min(4, os.cpu_count() or 1)),
         "DBT_SEND_ANONYMOUS_USAGE_STATS": "false",
@@ -196,8 +197,26 @@ _CONNECT_HINTS = (
 )
 
 
+def _interrupt_in(exc: BaseException | None) -> BaseException | None:
+    """A SIGTERM (``Terminated``), Ctrl-C or other job error somewhere in ``exc``'s chain.
+
+    dbtRunner.invoke catches BaseException and hands it back as ``result.exception``: without
+    this, a SIGTERM during ``dbt build`` would be reported as a dbt failure (exit 2, never
+    retried) instead of exit 75.
+    """
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, JobError | KeyboardInterrupt | SystemExit):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def _raise_for(res: Any, what: str, logs: Path) -> None:
     failures = _failures(res)
+    if (interrupt := _interrupt_in(res.exception)) is not None:
+        raise interrupt
     if res.exception is not None:
         text = str(res.exception)
         if any(h in text.lower() for h in _CONNECT_HINTS):
@@ -216,12 +235,29 @@ def _raise_for(res: Any, what: str, logs: Path) -> None:
         raise InputError(f"{what}: dbt did not succeed (see {logs / 'dbt.log'})")
 
 
-def build(cfg: Config, select: str = TRAINING_SELECTION, *, quiet: bool = True) -> dict[str, Any]:
-    """``dbt build --select <select>``: models, tests, unit tests. Raises InputError naming
-    every failed node when anything fails (a failing test never reaches a manifest)."""
+# dbt commands that create or replace relations: they run under the dbt lock, so that an
+# export reading the marts it has just built and tested never sees another run's tables.
+_WRITING_COMMANDS = ("build", "run", "seed", "snapshot", "run-operation", "clone", "retry")
+
+
+@contextlib.contextmanager
+def relations_lock(cfg: Config) -> Iterator[None]:
+    """Hold (waiting for it) the advisory lock that every dbt run writing relations takes."""
     from jobs import db
 
     with db.job_lock(cfg, "dbt", cfg.database.dbt_schema, wait=True):
+        yield
+
+
+def build(
+    cfg: Config, select: str = TRAINING_SELECTION, *, quiet: bool = True, lock: bool = True
+) -> dict[str, Any]:
+    """``dbt build --select <select>``: models, tests, unit tests. Raises InputError naming
+    every failed node when anything fails (a failing test never reaches a manifest).
+
+    ``lock=False``: the caller already holds :func:`relations_lock` (the export keeps it from
+    this build until it has read the marts)."""
+    with relations_lock(cfg) if lock else contextlib.nullcontext():
         res = invoke(cfg, ["build", "--select", select], quiet=quiet)
     _raise_for(res, f"dbt build --select {select}", log_path(cfg))
     counts = _counts(res)
@@ -231,9 +267,7 @@ def build(cfg: Config, select: str = TRAINING_SELECTION, *, quiet: bool = True) 
 
 def run_models(cfg: Config, select: str = TRAINING_SELECTION) -> dict[str, Any]:
     """``dbt run --select <select>``: (re)build models without tests."""
-    from jobs import db
-
-    with db.job_lock(cfg, "dbt", cfg.database.dbt_schema, wait=True):
+    with relations_lock(cfg):
         res = invoke(cfg, ["run", "--select", select], quiet=True)
     _raise_for(res, f"dbt run --select {select}", log_path(cfg))
     return {"select": select, "results": _counts(res)}
@@ -245,10 +279,13 @@ def cli(cfg: Config, args: list[str]) -> dict[str, Any]:
         raise InputError(
             "give a dbt command, e.g. 'airatings dbt build' or 'airatings dbt docs generate'"
         )
-    res = invoke(cfg, list(args))
-    what = "dbt " + " ".join(_command_words(args))
+    words = _command_words(args)
+    writes = bool(words) and words[0] in _WRITING_COMMANDS
+    with relations_lock(cfg) if writes else contextlib.nullcontext():
+        res = invoke(cfg, list(args))
+    what = "dbt " + " ".join(words)
     _raise_for(res, what, log_path(cfg))
     summary: dict[str, Any] = {"command": what, "results": _counts(res)}
-    if _command_words(args)[:2] == ["docs", "generate"]:
+    if words[:2] == ["docs", "generate"]:
         summary["docs"] = str(target_path(cfg) / "index.html")
     return summary

@@ -473,9 +473,8 @@ def _check_migrated(cfg: Config) -> None:
             "manual_relabels",
             "model_version_reservations",
         ):
-            found = conn.execute(
-                "select to_regclass(%s)", (f'"{cfg.database.ml_schema}"."{name}"',)
-            ).fetchone()[0]
+            qualified = sql.Identifier(cfg.database.ml_schema, name).as_string(conn)
+            found = conn.execute("select to_regclass(%s)", (qualified,)).fetchone()[0]
             if found is None:
                 raise InputError(
                     f"table {cfg.database.ml_schema}.{name} is missing: run 'airatings migrate' first"
@@ -497,17 +496,28 @@ def run(cfg: Config, csv: bool = False) -> dict[str, Any]:
             }
         _check_migrated(cfg)
         started = time.monotonic()
-        built = dbt_runner.build(cfg, dbt_runner.TRAINING_SELECTION)
-        built["seconds"] = round(time.monotonic() - started, 3)
-        return export_dataset(cfg, csv=csv or cfg.dataset.write_csv, dbt_summary=built)
+        # The dbt lock is held from the build until the marts are read: another `dbt run`
+        # (which takes the same lock) cannot swap in tables this export's tests did not pass.
+        with dbt_runner.relations_lock(cfg):
+            built = dbt_runner.build(cfg, dbt_runner.TRAINING_SELECTION, lock=False)
+            built["seconds"] = round(time.monotonic() - started, 3)
+            snapshot = read_snapshot(cfg)
+        return export_dataset(
+            cfg, csv=csv or cfg.dataset.write_csv, dbt_summary=built, snapshot=snapshot
+        )
 
 
 def export_dataset(
-    cfg: Config, *, csv: bool = False, dbt_summary: dict[str, Any] | None = None
+    cfg: Config,
+    *,
+    csv: bool = False,
+    dbt_summary: dict[str, Any] | None = None,
+    snapshot: tuple[pa.Table, dict[str, int], int] | None = None,
 ) -> dict[str, Any]:
-    """Everything after ``dbt build``: read, hash, write, record. The caller holds the lock."""
+    """Everything after ``dbt build``: read (unless ``snapshot`` is given: what
+    :func:`read_snapshot` returned), hash, write, record. The caller holds the export lock."""
     started = time.monotonic()
-    table, dropped, candidates = read_snapshot(cfg)
+    table, dropped, candidates = read_snapshot(cfg) if snapshot is None else snapshot
     if table.num_rows == 0:
         raise InputError(
             f"{SPLITS_MODEL} is empty ({candidates} candidates, dropped {dropped}): nothing to train on"

@@ -79,3 +79,32 @@ def test_write_once_and_sha_check(tmp_path):
     artifacts.verify_sha256(p, artifacts.sha256_bytes(b"abc"))
     with pytest.raises(InputError, match="refusing to load"):
         artifacts.verify_sha256(p, artifacts.sha256_bytes(b"abd"))
+
+
+def test_write_once_race_has_exactly_one_winner(tmp_path, monkeypatch):
+    """Another writer landing between our exists() check and our rename must win: ours is
+    refused, theirs is never overwritten (the check-then-replace race of write-once names)."""
+    from pathlib import Path
+
+    real_exists = Path.exists
+    theirs = tmp_path / "model.onnx"
+    theirs.write_bytes(b"theirs")
+    lies = {"left": 10**6}
+
+    def racing_exists(self, *a, **kw):  # the file lands just after every check we make
+        if self == theirs and lies["left"] > 0:
+            lies["left"] -= 1
+            return False
+        return real_exists(self, *a, **kw)
+
+    monkeypatch.setattr(Path, "exists", racing_exists)
+    with pytest.raises(InputError, match="immutable"):
+        artifacts.write_once(theirs, b"mine")
+    assert theirs.read_bytes() == b"theirs"
+    assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]  # our temp file is gone
+
+    # The same bytes racing in (only the first check misses it): not an error.
+    lies["left"] = 1
+    theirs.write_bytes(b"same")
+    assert artifacts.write_once(theirs, b"same") == theirs
+    assert theirs.read_bytes() == b"same"

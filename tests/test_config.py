@@ -94,3 +94,45 @@ def test_extends_loop_is_refused(tmp_path):
 def test_resolved_yaml_redacts_database_url():
     c = load_config(BASELINE, env={"DATABASE_URL": "postgresql://u:secret@h/db"})
     assert "secret" not in c.to_yaml()
+
+
+@pytest.mark.parametrize(
+    ("var", "raw", "needle"),
+    [
+        ("AIR__CACHE__ALLOW_FILE_URLS", "1", "cache.allow_file_urls"),
+        ("AIR__CACHE__ALLOW_FILE_URLS", '"yes"', "cache.allow_file_urls"),
+        ("AIR__TRAIN__EPOCHS", "true", "train.epochs"),
+        ("AIR__TRAIN__EPOCHS", '"3"', "train.epochs"),
+        ("AIR__TRAIN__LR", "true", "train.lr"),
+        ("AIR__CACHE__FILE_ROOT", "2024-01-01", "cache.file_root: a date"),
+    ],
+)
+def test_wrong_types_are_errors_not_coerced(var, raw, needle):
+    """A security flag given as 1 or 'yes', a count given as true: named, never coerced."""
+    with pytest.raises(ConfigError) as exc:
+        load_config(BASELINE, env={var: raw})
+    assert needle in str(exc.value)
+
+
+def test_strict_types_still_accept_what_the_configs_use():
+    c = load_config(
+        DEMO,
+        env={
+            "AIR__DATASET__GOOD_THRESHOLD": "4",  # an int where a float is expected
+            "AIR__CACHE__ALLOWED_PRIVATE_HOSTS": '["127.0.0.1:8080"]',  # list -> tuple
+            "AIR__TRAIN__WEIGHTS_PATH": "/models/w.pt",  # str -> Path
+        },
+    )
+    assert c.dataset.good_threshold == 4.0 and isinstance(c.dataset.good_threshold, float)
+    assert c.cache.allowed_private_hosts == ("127.0.0.1:8080",)
+    assert c.train.weights_path == Path("/models/w.pt")
+    assert c.dataset.allowed_url_schemes == ("https", "http", "file")
+
+
+def test_exponent_floats_read_as_numbers_like_yaml_1_2(tmp_path):
+    # PyYAML (YAML 1.1) would keep "1e-3" a string, which strict validation then refuses.
+    cfg = load_config(write(tmp_path, "train:\n  lr: 1e-3\n  weight_decay: 5E-5\n"), env={})
+    assert cfg.train.lr == 0.001 and cfg.train.weight_decay == 5e-5
+    assert load_config(BASELINE, env={"AIR__TRAIN__LR": "2e-4"}).train.lr == 2e-4
+    with pytest.raises(ConfigError, match="python/object"):
+        load_config(write(tmp_path, "train:\n  lr: !!python/object:os.system {}\n"), env={})

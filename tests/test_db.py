@@ -146,3 +146,40 @@ def test_advisory_job_lock_excludes_a_second_holder(cfg):
             assert other_run is True
     with db.job_lock(cfg, "export", 1) as again:
         assert again is True
+
+
+def test_migration_cut_off_by_the_server_is_transient_and_not_recorded(make_cfg):
+    """The server dropping the connection mid-migration is not the migration's fault: exit 75
+    (retried), nothing recorded, and a re-run applies it."""
+    from jobs.errors import TransientError
+
+    cfg = make_cfg()
+    good = db.migration_files()
+    db.migrate(cfg)
+    killed = (
+        9998,
+        "9998_cut_off.sql",
+        "create table cut_off (id int); select pg_terminate_backend(pg_backend_pid());",
+    )
+    with pytest.raises(TransientError, match="9998_cut_off.sql was interrupted") as info:
+        db.migrate(cfg, files=[*good, killed])
+    assert info.value.exit_code == 75
+    with db.connect(cfg) as conn:
+        assert conn.execute("select to_regclass('airatings.cut_off')").fetchone()[0] is None
+        versions = [r[0] for r in conn.execute("select version from airatings.schema_migrations")]
+    assert 9998 not in versions
+    fixed = (9998, "9998_cut_off.sql", "create table cut_off (id int);")
+    assert db.migrate(cfg, files=[*good, fixed])["applied"] == ["9998_cut_off.sql"]
+
+
+def test_dbt_profile_keeps_the_urls_sslmode(cfg):
+    from jobs import dbt_runner
+
+    url = "postgresql://u:pw@db.example.com:6543/app?sslmode=verify-full"
+    remote = cfg.model_copy(update={"database": cfg.database.model_copy(update={"url": url})})
+    env = dbt_runner.profile_env(remote)
+    assert env["AIR_DBT_SSLMODE"] == "verify-full"
+    assert (env["AIR_DBT_HOST"], env["AIR_DBT_PORT"], env["AIR_DBT_DBNAME"]) == (
+        "db.example.com", "6543", "app",
+    )  # fmt: skip
+    assert dbt_runner.profile_env(cfg)["AIR_DBT_SSLMODE"] in {"prefer", os.environ.get("PGSSLMODE")}

@@ -156,3 +156,89 @@ def test_old_snapshots_keep_their_split_when_data_grows(growing, seed, fraction)
     assert set(before) <= set(after)
     changed = [i for i in before if before[i] != after[i]]
     assert changed == []
+
+
+def _dbt_lock_is_free(cfg) -> bool:
+    with db.job_lock(cfg, "dbt", cfg.database.dbt_schema) as free:
+        return free
+
+
+def test_dbt_commands_that_replace_relations_hold_the_dbt_lock(built, monkeypatch):
+    """`airatings dbt run/build` must not swap marts under an export that is reading what its
+    own build just tested: they take the same lock the export holds."""
+    cfg, _, _ = built
+    seen = {}
+
+    class Ok:
+        success, exception, result = True, None, None
+
+    def fake_invoke(cfg_, args, **kw):
+        seen[args[0]] = _dbt_lock_is_free(cfg_)
+        return Ok()
+
+    monkeypatch.setattr(dbt_runner, "invoke", fake_invoke)
+    for command in (["run", "--select", "x"], ["build"], ["seed"], ["ls"], ["compile"]):
+        dbt_runner.cli(cfg, command)
+    assert seen == {"run": False, "build": False, "seed": False, "ls": True, "compile": True}
+    assert _dbt_lock_is_free(cfg)
+
+
+def test_interrupt_inside_dbt_is_not_reported_as_a_dbt_failure():
+    """dbtRunner.invoke returns BaseExceptions as result.exception: a SIGTERM (Terminated)
+    must stay exit 75, not become 'dbt stopped' (exit 2, never retried)."""
+    from jobs.errors import Terminated
+
+    class Res:
+        success, result = False, None
+
+    for exc in (Terminated("received signal 15"), KeyboardInterrupt()):
+        res = Res()
+        res.exception = exc
+        with pytest.raises(type(exc)):
+            dbt_runner._raise_for(res, "dbt build", dbt_runner.PROJECT_DIR)
+    wrapped = RuntimeError("dbt wrapped it")
+    wrapped.__context__ = Terminated("received signal 15")
+    res = Res()
+    res.exception = wrapped
+    with pytest.raises(Terminated):
+        dbt_runner._raise_for(res, "dbt build", dbt_runner.PROJECT_DIR)
+    res.exception = RuntimeError("Compilation Error in model x")
+    with pytest.raises(InputError, match="dbt stopped"):
+        dbt_runner._raise_for(res, "dbt build", dbt_runner.PROJECT_DIR)
+
+
+def test_sigterm_during_dbt_build_exits_75(pg_server, tmp_path):
+    """RELIABILITY 3 through the real CLI: SIGTERM while dbt runs models -> exit 75 in < 30 s."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from conftest import AIRATINGS, BASELINE
+
+    with world(pg_server, tmp_path, snapshots=40) as (cfg, _):
+        env = {
+            **os.environ,
+            "DATABASE_URL": cfg.database.url,
+            "AIR_DATA_DIR": str(cfg.paths.data_dir),
+            "AIR_ARTIFACTS_DIR": str(cfg.paths.artifacts_dir),
+        }
+        proc = subprocess.Popen(
+            [AIRATINGS, "dbt", "build", "--config", str(BASELINE), "--json"],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            for line in proc.stderr:  # dbt's console output goes to stderr
+                if " START " in line:
+                    break
+            else:
+                pytest.fail(f"dbt never started a node (exit {proc.wait()})")
+            proc.send_signal(signal.SIGTERM)
+            t0 = time.monotonic()
+            out, err = proc.communicate(timeout=30)
+            assert time.monotonic() - t0 < 30
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert proc.returncode == 75, err[-2000:]
+        assert json.loads(out.strip().splitlines()[-1])["exit_code"] == 75

@@ -319,3 +319,33 @@ def test_cli_json_summary(database_url, tmp_path):
         timeout=120,
     )
     assert bad.returncode == 2 and "at least 10" in json.loads(bad.stdout)["error"]
+
+
+def test_reseeding_another_world_forgets_cached_urls_of_rewritten_files(demo_cfg, make_cfg):
+    """The image cache trusts a URL's content never to change; a re-seed with another seed
+    rewrites files at the same file:// URLs (and removes some), so their index rows must go.
+    Re-seeding the same world keeps them (a demo re-run fetches nothing again)."""
+    cfg = make_cfg(DEMO, **SMALL)  # same database and dirs as demo_cfg (migrated)
+    seed(cfg, snapshots=N, seed=5)
+    url = next(s[2] for s in _rows(cfg, "webcam_snapshots") if s[2] and _url_path(s[2]).exists())
+    elsewhere = "https://img.example.com/a.jpg"
+
+    def index_rows() -> set[str]:
+        with db.connect(cfg) as conn:
+            return {r[0] for r in conn.execute("select url from airatings.image_cache")}
+
+    def cache(*urls: str) -> None:
+        with db.connect(cfg) as conn:
+            for u in urls:
+                conn.execute(
+                    "insert into airatings.image_cache (url_key, url, sha256, ext, bytes, width,"
+                    " height) values (%s, %s, %s, 'jpg', 1, 1, 1) on conflict do nothing",
+                    (hashlib.sha256(u.encode()).hexdigest(), u, "0" * 64),
+                )
+
+    cache(url, elsewhere)
+    assert seed(cfg, snapshots=N, seed=5)["cache_index_rows_forgotten"] == 0
+    assert index_rows() == {url, elsewhere}
+    out = seed(cfg, snapshots=N, seed=6)
+    assert out["cache_index_rows_forgotten"] == 1
+    assert index_rows() == {elsewhere}  # only URLs under the demo images dir are forgotten

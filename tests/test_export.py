@@ -297,3 +297,31 @@ def test_reserved_versions_count_up_per_day(exported):
     got = [export.reserve_version(cfg, today=day) for _ in range(3)]
     assert got == ["sunset_v2_2030_05_06", "sunset_v2_2030_05_06_2", "sunset_v2_2030_05_06_3"]
     assert sys.version_info >= (3, 11)
+
+
+def test_export_reads_the_marts_under_the_dbt_lock_it_built_them_with(exported, monkeypatch):
+    """Between the export's `dbt build` and its read, no other dbt run may replace the marts
+    (its tables might not have passed the tests): the dbt lock is held from build to read."""
+    cfg, _, _ = exported
+
+    def lock_free() -> bool:
+        with db.job_lock(cfg, "dbt", cfg.database.dbt_schema) as free:
+            return free
+
+    seen = {}
+
+    def fake_build(cfg_, select, **kw):
+        seen["build_lock_free"] = lock_free()
+        seen["build_kw"] = kw
+        return {"select": select, "results": {"pass": 1}}
+
+    def fake_read(cfg_, con=None):
+        seen["read_lock_free"] = lock_free()
+        raise InputError("stop here")
+
+    monkeypatch.setattr(export.dbt_runner, "build", fake_build)
+    monkeypatch.setattr(export, "read_snapshot", fake_read)
+    with pytest.raises(InputError, match="stop here"):
+        export.run(cfg)
+    assert seen == {"build_lock_free": False, "build_kw": {"lock": False}, "read_lock_free": False}
+    assert lock_free()

@@ -72,6 +72,11 @@ def seed(cfg: Config, snapshots: int | None = None, seed: int | None = None) -> 
         with db.connect(cfg) as conn:
             _refuse_foreign_data(conn, schema)  # before any write
         swept = sweep_temp(out_dir) if out_dir.exists() else 0
+        fingerprint = _world_fingerprint(cfg, n, world_seed, out_dir)
+        with db.connect(cfg) as conn:
+            # Before any file changes: the cache's URL index must not serve the old world's
+            # image for a URL whose file is about to be rewritten or removed.
+            unindexed = _forget_cached_urls(conn, cfg, out_dir, fingerprint)
 
         w = world.simulate(cfg.demo, snapshots=n, seed=world_seed, images_dir=out_dir)
         log.info("world_simulated", snapshots=n, webcams=len(w.webcams), ratings=len(w.ratings))
@@ -82,7 +87,7 @@ def seed(cfg: Config, snapshots: int | None = None, seed: int | None = None) -> 
         log.info("images_rendered", images=len(results), written=written, bytes=total_bytes)
 
         with db.connect(cfg) as conn:
-            _load(conn, schema, w)
+            _load(conn, schema, w, fingerprint)
         log.info("app_tables_loaded", webcams=len(w.webcams), snapshots=n, ratings=len(w.ratings))
 
         stale = _remove_stale(out_dir, {Path(p["path"]) for p in w.images})
@@ -102,6 +107,7 @@ def seed(cfg: Config, snapshots: int | None = None, seed: int | None = None) -> 
         "images_written": written,
         "images_unchanged": len(results) - written,
         "stale_files_removed": stale + swept,
+        "cache_index_rows_forgotten": unindexed,
         "bytes": total_bytes,
         "image_size": f"{cfg.demo.image_width}x{cfg.demo.image_height}",
         "images_dir": str(out_dir),
@@ -215,7 +221,48 @@ def _refuse_foreign_data(conn: psycopg.Connection, schema: str) -> None:
             )
 
 
-def _load(conn: psycopg.Connection, schema: str, w: Any) -> None:
+def _world_fingerprint(cfg: Config, n: int, seed: int, out_dir: Path) -> str:
+    """What decides every row and image byte of the world (rendering workers do not)."""
+    import hashlib
+    import json
+
+    demo = cfg.demo.model_dump(mode="json", exclude={"workers", "snapshots", "seed"})
+    blob = json.dumps([n, seed, str(out_dir), demo], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def _world_comment(fingerprint: str) -> str:
+    return f"airatings demo world {fingerprint}"
+
+
+def _forget_cached_urls(
+    conn: psycopg.Connection, cfg: Config, out_dir: Path, fingerprint: str
+) -> int:
+    """Delete ``image_cache`` rows for URLs under the demo images dir unless the database
+    already holds this very world. The cache treats a URL's content as immutable; a re-seed
+    with another seed or image size rewrites files in place (and removes some)."""
+    from psycopg import sql
+
+    schema = cfg.database.app_schema
+    if _regclass(conn, schema, "webcam_snapshots") is not None:
+        current = conn.execute(
+            "select obj_description(to_regclass(%s), 'pg_class')",
+            (sql.Identifier(schema, "webcam_snapshots").as_string(conn),),
+        ).fetchone()[0]
+        if current == _world_comment(fingerprint):
+            return 0
+    if _regclass(conn, cfg.database.ml_schema, "image_cache") is None:
+        return 0
+    cur = conn.execute(
+        sql.SQL("delete from {} where starts_with(url, %s)").format(
+            sql.Identifier(cfg.database.ml_schema, "image_cache")
+        ),
+        (out_dir.as_uri() + "/",),
+    )
+    return cur.rowcount
+
+
+def _load(conn: psycopg.Connection, schema: str, w: Any, fingerprint: str) -> None:
     """One transaction: DDL (if absent), truncate, COPY the world in, move the sequences."""
     from psycopg import sql
 
@@ -251,6 +298,11 @@ def _load(conn: psycopg.Connection, schema: str, w: Any) -> None:
         conn.execute(
             sql.SQL("comment on table {} is {}").format(
                 sql.Identifier(schema, "webcams"), sql.Literal(MARKER)
+            )
+        )
+        conn.execute(
+            sql.SQL("comment on table {} is {}").format(
+                sql.Identifier(schema, "webcam_snapshots"), sql.Literal(_world_comment(fingerprint))
             )
         )
         conn.execute(sql.SQL("analyze {}").format(sql.Identifier(schema, "webcam_snapshots")))
