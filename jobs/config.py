@@ -224,6 +224,18 @@ class Config(BaseModel):
         return hashlib.sha256(blob.encode()).hexdigest()
 
     @property
+    def train_hash(self) -> str:
+        """What defines a training's result: ``dataset`` and ``train`` without the settings
+        that only change how fast it runs (workers, threads, device). A checkpoint resumes only
+        under the same train hash, so changing ``evaluate:`` or ``cache:`` keys, or the worker
+        count on a restarted pod, does not block a resume."""
+        view = self.model_dump(mode="json", include={"dataset", "train"})
+        for key in ("num_workers", "threads", "device"):
+            view["train"].pop(key)
+        blob = json.dumps(view, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    @property
     def data_dir(self) -> Path:
         return self.paths.data_dir.resolve()
 

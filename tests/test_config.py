@@ -136,3 +136,13 @@ def test_exponent_floats_read_as_numbers_like_yaml_1_2(tmp_path):
     assert load_config(BASELINE, env={"AIR__TRAIN__LR": "2e-4"}).train.lr == 2e-4
     with pytest.raises(ConfigError, match="python/object"):
         load_config(write(tmp_path, "train:\n  lr: !!python/object:os.system {}\n"), env={})
+
+
+def test_train_hash_covers_what_changes_the_result_only():
+    base = load_config(BASELINE, env={})
+    assert load_config(BASELINE, env={"AIR__TRAIN__THREADS": "1"}).train_hash == base.train_hash
+    assert load_config(BASELINE, env={"AIR__CACHE__CONCURRENCY": "8"}).train_hash == base.train_hash
+    assert load_config(BASELINE, env={"AIR__TRAIN__SEED": "9"}).train_hash != base.train_hash
+    assert (
+        load_config(BASELINE, env={"AIR__DATASET__SPLIT_SEED": "9"}).train_hash != base.train_hash
+    )

@@ -105,6 +105,9 @@ def test_resume_refuses_other_dataset_or_config(fast_cfg, make_cfg):
     other_cfg = make_cfg(**{**FAST, "train__lr": 0.01})
     with pytest.raises(InputError, match="config hash"):
         jobs.train.run(other_cfg)
+    # settings that do not change the result (evaluate:, worker count) do not block a resume
+    same = make_cfg(**{**FAST, "evaluate__min_slice_size": 5, "train__num_workers": 1})
+    assert same.train_hash == cfg.train_hash and same.config_hash != cfg.config_hash
 
     with db.connect(cfg) as conn:
         conn.execute(

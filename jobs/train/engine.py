@@ -416,10 +416,12 @@ def load_resume_checkpoint(
             f"{path} was trained on dataset {ckpt.get('dataset_hash')}, but run {run.model_version} has "
             f"dataset {run.dataset_hash}; refusing to resume (delete it to start over)"
         )
-    if ckpt.get("config_hash") != cfg.config_hash:
+    written = ckpt.get("train_hash", ckpt.get("config_hash"))
+    if written != cfg.train_hash:
         raise InputError(
-            f"{path} was written with config hash {ckpt.get('config_hash')}, this config is "
-            f"{cfg.config_hash}; resume with the original config or delete it to start over"
+            f"{path} was written with train config hash {written}, this config is "
+            f"{cfg.train_hash} (dataset/train settings differ); resume with the original "
+            f"config or delete it to start over"
         )
     if ckpt.get("spec") != spec:
         raise InputError(
@@ -606,6 +608,7 @@ def main(
             "stopped": stopped,
             "history": history,
             "config_hash": cfg.config_hash,
+            "train_hash": cfg.train_hash,
             "dataset_hash": run.dataset_hash,
             "data_hash": data_hash,
             "model_version": run.model_version,
