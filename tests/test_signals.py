@@ -9,6 +9,7 @@ import signal
 import subprocess
 import time
 
+from cache_fixtures import http_server, server  # noqa: F401 (fixtures)
 from conftest import AIRATINGS
 from train_fixtures import FAST, make_world, run_status
 
@@ -69,3 +70,67 @@ def test_sigterm_during_training_exits_75_cleanly_and_rerun_resumes(make_cfg):
     summary = json.loads(again.stdout)
     assert summary["status"] == "trained" and summary["epochs_run"] == 6
     assert run_status(cfg, world["run_id"])[0] == "trained"
+
+
+def test_sigterm_during_cache_exits_75_and_leaves_only_complete_files(make_cfg, server):  # noqa: F811
+    from cache_fixtures import jpeg, make_exported_run
+    from PIL import Image
+
+    overrides = {
+        "cache__concurrency": 4,
+        "cache__per_host": 4,
+        "cache__allowed_private_hosts": f'["127.0.0.1:{server.port}"]',
+        "cache__progress_every_s": 0.2,
+    }
+    cfg = make_cfg(**overrides)
+    db.migrate(cfg)
+    # 200 slow (150 ms) images at concurrency 4: ~8 s of work, stopped after the first ones.
+    urls = [
+        server.add(f"sig{i}.jpg", jpeg(160, 90, seed=i)).replace("/img/", "/slow/")
+        for i in range(200)
+    ]
+    run = make_exported_run(cfg, urls)
+    env = _env(cfg, overrides)
+    proc = subprocess.Popen(
+        [AIRATINGS, "cache", "--run", run.model_version, "--json"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    for line in proc.stderr:
+        if '"images_progress"' in line and json.loads(line)["done"] >= 8:
+            break
+        assert time.monotonic() < deadline, "no progress in time"
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    assert time.monotonic() - sent < 30
+    assert proc.returncode == 75, out
+
+    art = cfg.artifacts_dir
+    assert not [p for p in art.rglob(".tmp-*")], "temp files left behind"
+    # every file at a final path is a complete, decodable image
+    stored = [p for p in (art / "images").rglob("*") if p.is_file()]
+    for p in stored:
+        with Image.open(p) as im:
+            im.load()
+    run_dir = art / "runs" / run.model_version
+    assert not (run_dir / "active").exists()
+    with db.connect(cfg) as conn:
+        status = conn.execute(
+            "select status from airatings.model_training_runs where id = %s", (run.id,)
+        ).fetchone()[0]
+    assert status == "exported"
+
+    again = subprocess.run(
+        [AIRATINGS, "cache", "--run", run.model_version, "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert again.returncode == 0, again.stderr
+    summary = json.loads(again.stdout)
+    assert summary["status"] == "cached" and summary["active_rows"] == 200
