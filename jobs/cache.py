@@ -119,6 +119,22 @@ def _dataset_dir(cfg: Config, run: runs.Run) -> Path:
     )
 
 
+def conform_manifest(table: pa.Table, path: Path) -> pa.Table:
+    """The manifest in the contract's column order and types (jobs/manifests.py), or an
+    InputError naming the first missing or mistyped column."""
+    from jobs.manifests import MANIFEST_SCHEMA
+
+    for field in MANIFEST_SCHEMA:
+        if field.name not in table.column_names:
+            raise InputError(f"{path} has no column {field.name!r} (manifest contract)")
+        if not table.schema.field(field.name).type.equals(field.type):
+            raise InputError(
+                f"{path}: column {field.name!r} is {table.schema.field(field.name).type}, "
+                f"the manifest contract says {field.type}"
+            )
+    return table.select(MANIFEST_SCHEMA.names)
+
+
 def read_manifests(cfg: Config, run: runs.Run) -> dict[str, pa.Table]:
     import pyarrow.parquet as pq
 
@@ -134,10 +150,7 @@ def read_manifests(cfg: Config, run: runs.Run) -> dict[str, pa.Table]:
             table = pq.read_table(path)
         except Exception as exc:  # pyarrow raises several types for a bad file
             raise InputError(f"{path} is not a readable Parquet file: {exc}") from None
-        for col in ("snapshot_id", "firebase_url"):
-            if col not in table.column_names:
-                raise InputError(f"{path} has no column {col!r}")
-        out[split] = table
+        out[split] = conform_manifest(table, path)
     return out
 
 
@@ -535,6 +548,7 @@ def merge_shards(
     import pyarrow.parquet as pq
 
     from jobs.fetch import redact_url
+    from jobs.manifests import ACTIVE_SCHEMA
 
     log = get_logger()
     manifests = manifests or read_manifests(cfg, run)
@@ -585,6 +599,7 @@ def merge_shards(
         active = active.append_column("image_path", pa.array(origs, pa.string()))
         active = active.append_column("train_image_path", pa.array(trains, pa.string()))
         active = active.take(pc.sort_indices(active, [("snapshot_id", "ascending")]))
+        active = active.cast(ACTIVE_SCHEMA)  # exactly the contract training reads
         actives[split] = active
         counts[split] = {
             "rows": table.num_rows,

@@ -65,27 +65,10 @@ LABEL_COLUMNS = ("training_run_id", "snapshot_id", "label_source", "label_value"
 
 
 def manifest_schema() -> pa.Schema:
-    """The manifest contract (shared with cache/train/evaluate), in column order."""
-    import pyarrow as pa
+    """The manifest contract (jobs/manifests.py), in column order."""
+    from jobs.manifests import MANIFEST_SCHEMA
 
-    return pa.schema(
-        [
-            ("snapshot_id", pa.int64()),
-            ("firebase_url", pa.string()),
-            ("label_source", pa.string()),
-            ("label_value", pa.float64()),
-            ("split", pa.string()),
-            ("phase", pa.string()),
-            ("captured_at", pa.timestamp("us", tz="UTC")),
-            ("rating_count", pa.int32()),
-            ("is_good", pa.bool_()),
-            ("webcam_id", pa.int64()),
-            ("region", pa.string()),
-            ("source", pa.string()),
-            ("rating_std", pa.float64()),
-            ("rating_hist", pa.list_(pa.int32())),
-        ]
-    )
+    return MANIFEST_SCHEMA
 
 
 # ---- reading ---------------------------------------------------------------------------

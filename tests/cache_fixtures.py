@@ -297,6 +297,8 @@ def manifest_table(rows: list[dict[str, Any]]):
     t0 = datetime(2026, 1, 1, tzinfo=UTC)
     rows = sorted(rows, key=lambda r: r["snapshot_id"])
     n = len(rows)
+    from jobs.manifests import MANIFEST_SCHEMA
+
     return pa.table(
         {
             "snapshot_id": pa.array([r["snapshot_id"] for r in rows], pa.int64()),
@@ -317,7 +319,8 @@ def manifest_table(rows: list[dict[str, Any]]):
             "source": pa.array(["test"] * n, pa.string()),
             "rating_std": pa.array([0.5] * n, pa.float64()),
             "rating_hist": pa.array([[0, 0, 1, 1, 1, 0]] * n, pa.list_(pa.int32())),
-        }
+        },
+        schema=MANIFEST_SCHEMA,
     )
 
 

@@ -21,29 +21,10 @@ from PIL import Image
 
 from jobs import db
 from jobs.config import Config
+from jobs.manifests import ACTIVE_SCHEMA
 from jobs.runs import table
 
-MANIFEST_SCHEMA = pa.schema(
-    [
-        ("snapshot_id", pa.int64()),
-        ("firebase_url", pa.string()),
-        ("label_source", pa.string()),
-        ("label_value", pa.float64()),
-        ("split", pa.string()),
-        ("phase", pa.string()),
-        ("captured_at", pa.timestamp("us", tz="UTC")),
-        ("rating_count", pa.int32()),
-        ("is_good", pa.bool_()),
-        ("webcam_id", pa.int64()),
-        ("region", pa.string()),
-        ("source", pa.string()),
-        ("rating_std", pa.float64()),
-        ("rating_hist", pa.list_(pa.int32())),
-        ("image_sha256", pa.string()),
-        ("image_path", pa.string()),
-        ("train_image_path", pa.string()),
-    ]
-)
+MANIFEST_SCHEMA = ACTIVE_SCHEMA  # what the cache writes and training reads
 
 GREY = np.array([118.0, 118.0, 122.0])
 ORANGE = np.array([250.0, 128.0, 36.0])
