@@ -55,7 +55,7 @@ def pg_server() -> Iterator[str]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def _with_dbname(url: str, dbname: str) -> str:
+def with_dbname(url: str, dbname: str) -> str:
     from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
     parts = conninfo_to_dict(url)
@@ -69,12 +69,28 @@ def database_url(pg_server: str) -> Iterator[str]:
     name = f"t_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(pg_server, autocommit=True) as conn:
         conn.execute(f'create database "{name}"')
-    url = _with_dbname(pg_server, name)
+    url = with_dbname(pg_server, name)
     try:
         yield url
     finally:
         with psycopg.connect(pg_server, autocommit=True) as conn:
             conn.execute(f'drop database if exists "{name}" with (force)')
+
+
+def air_env(database_url: str, root: Path, **overrides: object) -> dict[str, str]:
+    """The environment a job sees: the database, artifacts/data dirs under ``root`` and
+    ``section__key=value`` overrides as AIR__SECTION__KEY (for load_config or a subprocess)."""
+    env = {
+        "DATABASE_URL": database_url,
+        "AIR_ARTIFACTS_DIR": str(root / "artifacts"),
+        "AIR_DATA_DIR": str(root / "data"),
+    }
+    for key, value in overrides.items():
+        section, _, name = key.partition("__")
+        env[f"AIR__{section.upper()}__{name.upper()}"] = (
+            str(value).lower() if isinstance(value, bool) else str(value)
+        )
+    return env
 
 
 @pytest.fixture
@@ -85,17 +101,7 @@ def make_cfg(database_url: str, tmp_path: Path) -> Callable[..., Config]:
     """
 
     def build(config: Path = BASELINE, **overrides: object) -> Config:
-        env = {
-            "DATABASE_URL": database_url,
-            "AIR_ARTIFACTS_DIR": str(tmp_path / "artifacts"),
-            "AIR_DATA_DIR": str(tmp_path / "data"),
-        }
-        for key, value in overrides.items():
-            section, _, name = key.partition("__")
-            env[f"AIR__{section.upper()}__{name.upper()}"] = (
-                str(value).lower() if isinstance(value, bool) else str(value)
-            )
-        return load_config(config, env=env)
+        return load_config(config, env=air_env(database_url, tmp_path, **overrides))
 
     return build
 

@@ -16,37 +16,18 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import psycopg
+from conftest import BASELINE, REPO, air_env, with_dbname
 from psycopg import sql
 
 from jobs import db
 from jobs.config import Config, load_config
 
-REPO = Path(__file__).resolve().parents[1]
-BASELINE = REPO / "configs" / "v2_baseline.yaml"
 APP_SCHEMA_SQL = REPO / "jobs" / "demo" / "app_schema.sql"
 START = datetime(2026, 1, 1, tzinfo=UTC)
 
 
-def with_dbname(url: str, dbname: str) -> str:
-    from psycopg.conninfo import conninfo_to_dict, make_conninfo
-
-    parts = conninfo_to_dict(url)
-    parts["dbname"] = dbname
-    return make_conninfo(**parts)
-
-
 def make_config(url: str, tmp: Path, **overrides: object) -> Config:
-    env = {
-        "DATABASE_URL": url,
-        "AIR_ARTIFACTS_DIR": str(tmp / "artifacts"),
-        "AIR_DATA_DIR": str(tmp / "data"),
-    }
-    for key, value in overrides.items():
-        section, _, name = key.partition("__")
-        env[f"AIR__{section.upper()}__{name.upper()}"] = (
-            str(value).lower() if isinstance(value, bool) else str(value)
-        )
-    return load_config(BASELINE, env=env)
+    return load_config(BASELINE, env=air_env(url, tmp, **overrides))
 
 
 @contextlib.contextmanager

@@ -10,23 +10,15 @@ import subprocess
 import time
 
 from cache_fixtures import http_server, server  # noqa: F401 (fixtures)
-from conftest import AIRATINGS
+from conftest import AIRATINGS, air_env
 from train_fixtures import FAST, make_world, run_status
 
 from jobs import db
 
 
 def _env(cfg, overrides: dict) -> dict[str, str]:
-    env = {
-        **os.environ,
-        "DATABASE_URL": cfg.database.url,
-        "AIR_ARTIFACTS_DIR": str(cfg.paths.artifacts_dir),
-        "AIR_DATA_DIR": str(cfg.paths.data_dir),
-    }
-    for key, value in overrides.items():
-        section, _, name = key.partition("__")
-        env[f"AIR__{section.upper()}__{name.upper()}"] = str(value)
-    return env
+    """The same environment ``make_cfg`` used, for the job's subprocess."""
+    return {**os.environ, **air_env(cfg.database.url, cfg.paths.artifacts_dir.parent, **overrides)}
 
 
 def test_sigterm_during_training_exits_75_cleanly_and_rerun_resumes(make_cfg):
