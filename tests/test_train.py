@@ -308,3 +308,23 @@ def test_second_concurrent_train_exits_saying_so(fast_cfg):
     assert out["status"] == "locked" and "another" in out["message"]
     assert run_status(cfg, world["run_id"])[0] == "cached"
     assert not (cfg.artifacts_dir / "runs" / world["model_version"] / "last.pt").exists()
+
+
+def test_same_seed_same_weights_with_dataloader_workers(make_cfg):
+    # One seed seeds the DataLoader workers too: two runs with a worker process each (the
+    # augmentation runs there) end with the same weights.
+    cfg = make_cfg(**{**FAST, "train__num_workers": 1, "train__epochs": 1})
+    db.migrate(cfg)
+    world = make_world(cfg, n=80, model_version="test_v2_2026_02_01")
+    first = jobs.train.run(cfg, run=world["run_id"])
+    write_manifests(cfg, "test_v2_2026_02_02", world["rows"])
+    second = jobs.train.run(cfg, run=insert_run(cfg, "test_v2_2026_02_02", world["dataset_hash"]))
+    assert first["num_workers"] == 1
+    assert first["last_weights_sha256"] == second["last_weights_sha256"]
+    # and the seed is really what decides them
+    other = make_cfg(**{**FAST, "train__num_workers": 1, "train__epochs": 1, "train__seed": 99})
+    write_manifests(other, "test_v2_2026_02_03", world["rows"])
+    third = jobs.train.run(
+        other, run=insert_run(other, "test_v2_2026_02_03", world["dataset_hash"])
+    )
+    assert third["last_weights_sha256"] != first["last_weights_sha256"]
