@@ -42,7 +42,15 @@ _INVOKE_LOCK = threading.Lock()
 
 
 def project_dir() -> Path:
-    return Path(os.environ.get("AIR_DBT_PROJECT_DIR", PROJECT_DIR)).resolve()
+    """The dbt project: ``dbt/`` in the checkout, or ``AIR_DBT_PROJECT_DIR`` (an installed
+    wheel does not carry it: a container sets the variable to where it copied ``dbt/``)."""
+    path = Path(os.environ.get("AIR_DBT_PROJECT_DIR", PROJECT_DIR)).resolve()
+    if not (path / "dbt_project.yml").is_file():
+        raise InputError(
+            f"no dbt project at {path} (dbt_project.yml missing): run from a checkout or set "
+            f"AIR_DBT_PROJECT_DIR to the project's dbt/ folder"
+        )
+    return path
 
 
 def target_path(cfg: Config) -> Path:

@@ -242,3 +242,9 @@ def test_sigterm_during_dbt_build_exits_75(pg_server, tmp_path):
                 proc.kill()
         assert proc.returncode == 75, err[-2000:]
         assert json.loads(out.strip().splitlines()[-1])["exit_code"] == 75
+
+
+def test_missing_dbt_project_is_named(monkeypatch, tmp_path):
+    monkeypatch.setenv("AIR_DBT_PROJECT_DIR", str(tmp_path))
+    with pytest.raises(InputError, match="no dbt project at .*AIR_DBT_PROJECT_DIR"):
+        dbt_runner.project_dir()
