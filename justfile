@@ -15,6 +15,7 @@ setup:
     test -x {{ python }} || python3 -m venv {{ venv }}
     {{ python }} -m pip install --quiet --upgrade pip
     {{ python }} -m pip install --quiet -e '.[train,dev]'
+    bash scripts/ensure-chromium.sh
 
 # Full lifecycle on the demo world (embedded PostgreSQL, no DATABASE_URL needed)
 demo: _ensure-setup
