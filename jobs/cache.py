@@ -423,9 +423,16 @@ async def cache_urls(
             try:
                 got = await fetcher.fetch(url, incoming, head_check=head_check)
                 res.attempts, res.bytes = got.attempts, got.size
-                ext, w, h = await loop.run_in_executor(
-                    pool, store_image, got.path, got.sha256, params
-                )
+                try:
+                    ext, w, h = await loop.run_in_executor(
+                        pool, store_image, got.path, got.sha256, params
+                    )
+                finally:
+                    # store_image renames or removes the temp body; if it never ran (the job
+                    # was stopped while it waited in the pool's queue), remove it here.
+                    with contextlib.suppress(FileNotFoundError):
+                        got.path.unlink()
+                    fetcher.temp_bodies.discard(got.path)
                 res.sha256, res.ext = got.sha256, ext
                 pending_rows.append((url, got.sha256, ext, got.size, w, h))
             except FetchFailed as exc:
@@ -466,6 +473,8 @@ async def cache_urls(
     finally:
         progress.close()
         pool.shutdown(wait=True, cancel_futures=True)
+        # Stopped mid-way (SIGTERM, an error): no temp body of ours outlives the job.
+        fetcher.remove_temp_bodies()
     stats = {
         "urls": len(urls),
         "from_index": len(urls) - len(to_fetch) - len(refetched),

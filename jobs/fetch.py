@@ -327,8 +327,23 @@ class Fetcher:
             wait_random_exponential(multiplier=backoff_base_s, max=backoff_max_s), retry_after_cap_s
         )
         self.stats = FetchStats()
+        # Every temp body this fetcher created. The consumer renames or removes each one; a job
+        # stopped mid-way calls remove_temp_bodies() to delete the ones nobody took over.
+        self.temp_bodies: set[Path] = set()
         self._session: aiohttp.ClientSession | None = None
         self._host_slots: dict[tuple[str, int | None], asyncio.Semaphore] = {}
+
+    def remove_temp_bodies(self) -> int:
+        """Delete the temp bodies still on disk (not renamed or removed by a consumer: the job
+        was stopped between the download and the store). Only this fetcher's own files, so a
+        concurrent shard's in-flight downloads are untouched. Returns how many were removed."""
+        removed = 0
+        for path in list(self.temp_bodies):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed += 1
+            self.temp_bodies.discard(path)
+        return removed
 
     def _host_slot(self, url: URL) -> asyncio.Semaphore:
         """A per-host slot taken *before* the attempt's deadline starts: with many URLs on one
@@ -499,6 +514,7 @@ class Fetcher:
             raise FetchFailed("too_large", f"Content-Length {declared} > {cap}")
         dest_dir.mkdir(parents=True, exist_ok=True)
         tmp = dest_dir / f"{TEMP_PREFIX}{secrets.token_hex(8)}.part"
+        self.temp_bodies.add(tmp)
         h = hashlib.sha256()
         size = 0
         head = b""
@@ -543,6 +559,7 @@ class Fetcher:
             raise FetchFailed("too_large", f"{st.st_size} > {self.policy.max_bytes}")
         dest_dir.mkdir(parents=True, exist_ok=True)
         tmp = dest_dir / f"{TEMP_PREFIX}{secrets.token_hex(8)}.part"
+        self.temp_bodies.add(tmp)
         h = hashlib.sha256()
         size = 0
         try:
