@@ -328,3 +328,32 @@ def test_same_seed_same_weights_with_dataloader_workers(make_cfg):
         other, run=insert_run(other, "test_v2_2026_02_03", world["dataset_hash"])
     )
     assert third["last_weights_sha256"] != first["last_weights_sha256"]
+
+
+def test_augmentation_without_jitter_is_the_preprocessing_contract(tmp_path):
+    # The training crop path (torchvision uint8 ops) must agree with jobs.images.preprocess
+    # (Pillow) when the crop keeps the whole frame and no jitter applies: same picture to
+    # within one grey level, or its mirror image (the flip stays random).
+    from PIL import Image
+
+    from jobs import images
+
+    rng = np.random.default_rng(0)
+    arr = rng.integers(0, 255, (90, 160, 3), dtype=np.uint8)
+    arr[:45] = [250, 120, 40]  # structure, so the mirror differs from the original
+    path = tmp_path / "a.jpg"
+    Image.fromarray(arr).save(path, quality=95)
+    ds = D.ManifestDataset(
+        [path],
+        np.zeros(1),
+        np.ones(1),
+        64,
+        augment=True,
+        aug={"min_scale": 1.0, "ratio_jitter": 0.0, "brightness": 0.0, "contrast": 0.0},
+    )
+    ref = torch.from_numpy(images.preprocess(D.open_rgb(path), 64)).int()
+    for _ in range(4):
+        got = ds[0][0].int()
+        assert got.shape == (64, 64, 3) and ds[0][0].dtype == torch.uint8
+        diff = min(int((got - ref).abs().max()), int((got - ref.flip(1)).abs().max()))
+        assert diff <= 1

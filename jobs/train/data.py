@@ -279,13 +279,16 @@ class ManifestDataset(torch.utils.data.Dataset):
             x = F.horizontal_flip(x)
         b = 1 + self.aug["brightness"] * (2 * r[1] - 1)
         c = 1 + self.aug["contrast"] * (2 * r[2] - 1)
-        if b != 1 or c != 1:
-            # Brightness b, then contrast c about the mean luminance (as PIL's ImageEnhance
-            # does), fused into one affine map: y = c*b*x + (1 - c)*b*mean(luma(x)).
-            xf = x.float()
-            mean = float((xf.mean(dim=(1, 2)) * _LUMA).sum())
-            x = xf.mul_(b * c).add_((1 - c) * b * mean).clamp_(0, 255).round_().to(torch.uint8)
-        return x.permute(1, 2, 0).contiguous()  # HWC, like preprocess
+        out = torch.empty((self.size, self.size, 3), dtype=torch.uint8)  # HWC, like preprocess
+        if b == 1 and c == 1:
+            return out.copy_(x.permute(1, 2, 0))
+        # Brightness b, then contrast c about the mean luminance (as PIL's ImageEnhance does),
+        # fused into one affine map y = c*b*x + (1 - c)*b*mean(luma(x)); +0.5 and the copy's
+        # truncation to uint8 round to nearest; the copy also transposes CHW -> HWC.
+        xf = x.float()
+        mean = float((xf.mean(dim=(1, 2)) * _LUMA).sum())
+        xf.mul_(b * c).add_((1 - c) * b * mean + 0.5).clamp_(0, 255.49)
+        return out.copy_(xf.permute(1, 2, 0))
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         path = self.paths[i]
