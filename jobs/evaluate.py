@@ -362,7 +362,7 @@ def run(cfg: Config, run: str | int = "latest") -> dict[str, Any]:
         if not held:
             msg = f"another 'airatings evaluate' holds run {the_run.model_version}; nothing to do"
             log.info("evaluate_skipped_locked", reason=msg)
-            return {"status": "locked", "model_version": the_run.model_version, "message": msg}
+            return {"status": "skipped", "model_version": the_run.model_version, "reason": msg}
         runs.require(the_run, "trained")
         out_dir = runs.run_dir(cfg, the_run.model_version)
         best = out_dir / "best.pt"

@@ -243,7 +243,7 @@ def test_second_concurrent_seed_exits_zero_and_writes_nothing(small_cfg):
     with db.job_lock(small_cfg, "demo-seed", small_cfg.database.app_schema) as held:
         assert held
         out = seed(small_cfg, snapshots=N, seed=1)
-    assert out["status"] == "already_running"
+    assert out["status"] == "skipped"
     assert not images_dir(small_cfg).exists()
     with db.connect(small_cfg) as conn:
         assert conn.execute("select to_regclass('public.webcams')").fetchone()[0] is None

@@ -180,5 +180,5 @@ def test_concurrent_evaluate_exits_saying_so(make_cfg):
     world = make_world(cfg, n=40)
     with db.job_lock(cfg, "evaluate", world["run_id"]):
         out = E.run(cfg)
-    assert out["status"] == "locked"
+    assert out["status"] == "skipped"
     assert run_status(cfg, world["run_id"])[0] == "cached"

@@ -305,7 +305,7 @@ def test_second_concurrent_train_exits_saying_so(fast_cfg):
     with db.job_lock(cfg, "train", world["run_id"]) as held:
         assert held
         out = jobs.train.run(cfg)
-    assert out["status"] == "locked" and "another" in out["message"]
+    assert out["status"] == "skipped" and "another" in out["reason"]
     assert run_status(cfg, world["run_id"])[0] == "cached"
     assert not (cfg.artifacts_dir / "runs" / world["model_version"] / "last.pt").exists()
 

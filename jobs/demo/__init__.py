@@ -66,7 +66,7 @@ def seed(cfg: Config, snapshots: int | None = None, seed: int | None = None) -> 
         if not held:
             log.info("demo_seed_skipped", reason="another demo seed holds the lock")
             return {
-                "status": "already_running",
+                "status": "skipped",
                 "reason": "another `demo seed` is running on this database",
             }
         with db.connect(cfg) as conn:

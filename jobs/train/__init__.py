@@ -43,7 +43,7 @@ def run(
         if not held:
             msg = f"another 'airatings train' holds run {the_run.model_version}; nothing to do"
             log.info("train_skipped_locked", reason=msg)
-            return {"status": "locked", "model_version": the_run.model_version, "message": msg}
+            return {"status": "skipped", "model_version": the_run.model_version, "reason": msg}
         with db.connect(cfg, autocommit=True) as conn:
             the_run = runs.get_run(conn, cfg, the_run.id)
         best = runs.run_dir(cfg, the_run.model_version) / "best.pt"
