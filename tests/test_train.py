@@ -351,7 +351,7 @@ def test_augmentation_without_jitter_is_the_preprocessing_contract(tmp_path):
         augment=True,
         aug={"min_scale": 1.0, "ratio_jitter": 0.0, "brightness": 0.0, "contrast": 0.0},
     )
-    ref = torch.from_numpy(images.preprocess(D.open_rgb(path), 64)).int()
+    ref = torch.from_numpy(images.preprocess(D.open_rgb(path), 64).copy()).int()
     for _ in range(4):
         got = ds[0][0].int()
         assert got.shape == (64, 64, 3) and ds[0][0].dtype == torch.uint8
