@@ -697,20 +697,20 @@ def render_report(
     )
     base_rows = []
     for name, b in {**result["baselines"], "production": result["production"]}.items():
-        base_rows.append(
-            (
-                name,
-                b.get("mae_other"),
-                b.get("mae_diff"),
-                b.get("ci_low"),
-                b.get("ci_high"),
-                b.get("verdict") or b.get("note") or b.get("status"),
-            )
-        )
+        compared = b.get("mae_diff") is not None or b.get("status") == "insufficient_data"
+        # no comparison made (no production model yet): dashes, not "insufficient data"
+        cells = [
+            b.get(k) if compared else "-" for k in ("mae_other", "mae_diff", "ci_low", "ci_high")
+        ]
+        base_rows.append((name, *cells, b.get("verdict") or b.get("note") or b.get("status")))
     base = R.table(
         ["compared with", "its MAE", "MAE diff (model - it)", "CI low", "CI high", "verdict"],
         base_rows,
     )
+    sized = {
+        k: v for k, v in metrics.items() if k != "all" and v["mae"]["status"] != "insufficient_data"
+    }
+    small = [(k, v["mae"]["n"]) for k, v in metrics.items() if k != "all" and k not in sized]
     slices = R.table(
         ["slice", "n", "MAE", "MAE CI low", "MAE CI high", "RMSE", "bias", "Spearman", "ROC AUC"],
         [
@@ -725,16 +725,21 @@ def render_report(
                 v["spearman"]["value"],
                 v["roc_auc"]["value"],
             )
-            for k, v in metrics.items()
-            if k != "all"
+            for k, v in sized.items()
         ],
     )
+    if small:
+        slices += R.paragraph(
+            f"Insufficient data (fewer than {result['min_slice_size']} rows), no metrics: "
+            + ", ".join(f"{k} (n={n})" for k, n in small)
+            + "."
+        )
     intro = R.paragraph(
         f"Run {result['model_version']} (target {result['target']}, score = {result['score_mapping']}), "
         f"dataset {result['dataset_hash']}, {result['n']} test rows, best epoch {result['best_epoch']}. "
         f"Good = label >= {result['good_threshold']:g}. CIs: {result['bootstrap']['samples']} seeded "
         f"bootstrap resamples, level {result['bootstrap']['ci_level']:g}. Slices smaller than "
-        f"{result['min_slice_size']} rows show 'insufficient data'."
+        f"{result['min_slice_size']} rows get no metrics ('insufficient data')."
     )
     sections = [
         ("Summary", intro + head),

@@ -135,6 +135,8 @@ def test_evaluate_job_end_to_end(make_cfg):
     html = (run_dir / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 5
     assert 'src="http' not in html and "<script" not in html
+    # small slices are listed once with their size instead of rows of "insufficient data"
+    assert "region=north (n=15)" in html and "<td>region=north</td>" not in html
     # What a person sees in a real browser: every plot decodes, the sections are there.
     seen = inspect_page(run_dir / "report.html")
     assert seen["images"] == 5 and seen["decoded"] == 5, seen["broken"]
