@@ -34,7 +34,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC
 from pathlib import Path
@@ -333,6 +333,20 @@ class Fetcher:
         self._session: aiohttp.ClientSession | None = None
         self._host_slots: dict[tuple[str, int | None], asyncio.Semaphore] = {}
 
+    @contextlib.contextmanager
+    def _temp_body(self, dest_dir: Path) -> Iterator[Path]:
+        """A new temp path for a body in ``dest_dir``, registered for remove_temp_bodies();
+        removed again if writing it fails."""
+        dest_dir.mkdir(parents=True, exist_ok=True)
+        tmp = dest_dir / f"{TEMP_PREFIX}{secrets.token_hex(8)}.part"
+        self.temp_bodies.add(tmp)
+        try:
+            yield tmp
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            raise
+
     def remove_temp_bodies(self) -> int:
         """Delete the temp bodies still on disk (not renamed or removed by a consumer: the job
         was stopped between the download and the store). Only this fetcher's own files, so a
@@ -512,13 +526,10 @@ class Fetcher:
         declared = resp.content_length
         if declared is not None and declared > cap:
             raise FetchFailed("too_large", f"Content-Length {declared} > {cap}")
-        dest_dir.mkdir(parents=True, exist_ok=True)
-        tmp = dest_dir / f"{TEMP_PREFIX}{secrets.token_hex(8)}.part"
-        self.temp_bodies.add(tmp)
         h = hashlib.sha256()
         size = 0
         head = b""
-        try:
+        with self._temp_body(dest_dir) as tmp:
             with open(tmp, "wb") as f:
                 async for chunk in resp.content.iter_chunked(_CHUNK):
                     size += len(chunk)
@@ -532,10 +543,6 @@ class Fetcher:
                     f.write(chunk)
             if head_check is not None and len(head) < 16 and (reason := head_check(head)):
                 raise FetchFailed(reason, "rejected by its first bytes")
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-            raise
         self.stats.bytes += size
         return Fetched(str(url), tmp, h.hexdigest(), size, 1, str(final))
 
@@ -557,12 +564,9 @@ class Fetcher:
             raise FetchFailed("blocked_url", "not a regular file")
         if st.st_size > self.policy.max_bytes:
             raise FetchFailed("too_large", f"{st.st_size} > {self.policy.max_bytes}")
-        dest_dir.mkdir(parents=True, exist_ok=True)
-        tmp = dest_dir / f"{TEMP_PREFIX}{secrets.token_hex(8)}.part"
-        self.temp_bodies.add(tmp)
         h = hashlib.sha256()
         size = 0
-        try:
+        with self._temp_body(dest_dir) as tmp:
             with open(path, "rb") as src, open(tmp, "wb") as dst:
                 first = True
                 while chunk := src.read(1 << 20):
@@ -576,10 +580,6 @@ class Fetcher:
                     dst.write(chunk)
             if first and head_check is not None and (reason := head_check(b"")):
                 raise FetchFailed(reason, "empty file")
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-            raise
         self.stats.bytes += size
         return Fetched(url, tmp, h.hexdigest(), size, 1, url)
 
