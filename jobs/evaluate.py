@@ -355,14 +355,9 @@ def run(cfg: Config, run: str | int = "latest") -> dict[str, Any]:
     log = logs.get_logger()
     started = time.monotonic()
     e = cfg.evaluate
-    with db.connect(cfg, autocommit=True) as conn:
-        the_run = runs.get_run(conn, cfg, run)
-    logs.bind(run_id=the_run.id, model_version=the_run.model_version)
-    with db.job_lock(cfg, "evaluate", the_run.id) as held:
-        if not held:
-            msg = f"another 'airatings evaluate' holds run {the_run.model_version}; nothing to do"
-            log.info("evaluate_skipped_locked", reason=msg)
-            return {"status": "skipped", "model_version": the_run.model_version, "reason": msg}
+    with runs.claim(cfg, "evaluate", run) as (the_run, skipped):
+        if skipped:
+            return skipped
         runs.require(the_run, "trained")
         out_dir = runs.run_dir(cfg, the_run.model_version)
         best = out_dir / "best.pt"

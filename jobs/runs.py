@@ -4,13 +4,16 @@ provenance, mark it failed. Jobs talk only through Postgres and the artifact sto
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from psycopg import sql
 
+from jobs import db, logs
 from jobs.errors import InputError
 
 if TYPE_CHECKING:
@@ -68,6 +71,28 @@ def get_run(conn: psycopg.Connection, cfg: Config, ref: str | int = "latest") ->
     if row is None:
         raise InputError(f"no training run matches {ref_s!r}; run 'airatings export' first")
     return _row_to_run(row)
+
+
+@contextlib.contextmanager
+def claim(cfg: Config, job: str, ref: str | int) -> Iterator[tuple[Run, dict[str, Any] | None]]:
+    """Resolve the run, bind its log context and hold the (job, run) advisory lock.
+
+    Yields ``(run, None)`` while the lock is held, the run re-read under the lock (a twin that
+    finished first may have moved it on), or ``(run, summary)`` with a ``skipped`` summary when
+    another process holds it: the caller returns that summary (exit 0, RELIABILITY.md 1).
+    """
+    with db.connect(cfg, autocommit=True) as conn:
+        run = get_run(conn, cfg, ref)
+    logs.bind(run_id=run.id, model_version=run.model_version)
+    with db.job_lock(cfg, job, run.id) as held:
+        if not held:
+            msg = f"another 'airatings {job}' holds run {run.model_version}; nothing to do"
+            logs.get_logger().info(f"{job}_skipped_locked", reason=msg)
+            yield run, {"status": "skipped", "model_version": run.model_version, "reason": msg}
+            return
+        with db.connect(cfg, autocommit=True) as conn:
+            run = get_run(conn, cfg, run.id)
+        yield run, None
 
 
 def require(run: Run, status: str) -> None:

@@ -35,17 +35,9 @@ def run(
     from jobs.train import engine
 
     log = logs.get_logger()
-    with db.connect(cfg, autocommit=True) as conn:
-        the_run = runs.get_run(conn, cfg, run)
-    logs.bind(run_id=the_run.id, model_version=the_run.model_version)
-
-    with db.job_lock(cfg, "train", the_run.id) as held:
-        if not held:
-            msg = f"another 'airatings train' holds run {the_run.model_version}; nothing to do"
-            log.info("train_skipped_locked", reason=msg)
-            return {"status": "skipped", "model_version": the_run.model_version, "reason": msg}
-        with db.connect(cfg, autocommit=True) as conn:
-            the_run = runs.get_run(conn, cfg, the_run.id)
+    with runs.claim(cfg, "train", run) as (the_run, skipped):
+        if skipped:
+            return skipped
         best = runs.run_dir(cfg, the_run.model_version) / "best.pt"
         if the_run.reached("trained") and best.exists():
             log.info("train_already_done", best_checkpoint=str(best))
