@@ -21,30 +21,35 @@ def _env(cfg, overrides: dict) -> dict[str, str]:
     return {**os.environ, **air_env(cfg.database.url, cfg.paths.artifacts_dir.parent, **overrides)}
 
 
+def _sigterm_when(args: list[str], env: dict[str, str], ready, wait_s: float) -> tuple[int, str]:
+    """Start ``airatings <args>``, wait until a JSON log line on stderr satisfies ``ready``,
+    send SIGTERM and return (exit code, stdout); the job must be gone within 30 s."""
+    proc = subprocess.Popen(
+        [AIRATINGS, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + wait_s
+    for line in proc.stderr:
+        if line.startswith("{") and ready(json.loads(line)):
+            break
+        assert time.monotonic() < deadline, "the job never reached the point to stop it at"
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    assert time.monotonic() - sent < 30
+    return proc.returncode, out
+
+
 def test_sigterm_during_training_exits_75_cleanly_and_rerun_resumes(make_cfg):
     overrides = {**FAST, "train__epochs": 6, "train__early_stopping_patience": 10}
     cfg = make_cfg(**overrides)
     db.migrate(cfg)
     world = make_world(cfg, n=200)
     env = _env(cfg, overrides)
-    proc = subprocess.Popen(
-        [AIRATINGS, "train", "--json"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    # SIGTERM right after the first completed epoch
+    code, out = _sigterm_when(
+        ["train", "--json"], env, lambda e: e["event"] == "epoch_finished", wait_s=240
     )
-    # Wait for the first completed epoch (JSON log lines on stderr), then SIGTERM.
-    deadline = time.monotonic() + 240
-    for line in proc.stderr:
-        if '"epoch_finished"' in line:
-            break
-        assert time.monotonic() < deadline, "no epoch finished in time"
-    sent = time.monotonic()
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=30)
-    assert time.monotonic() - sent < 30
-    assert proc.returncode == 75, out
+    assert code == 75, out
     assert "received signal" in json.loads(out)["error"]
 
     run_dir = cfg.artifacts_dir / "runs" / world["model_version"]
@@ -83,23 +88,13 @@ def test_sigterm_during_cache_exits_75_and_leaves_only_complete_files(make_cfg, 
     ]
     run = make_exported_run(cfg, urls)
     env = _env(cfg, overrides)
-    proc = subprocess.Popen(
-        [AIRATINGS, "cache", "--run", run.model_version, "--json"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    code, out = _sigterm_when(
+        ["cache", "--run", run.model_version, "--json"],
+        env,
+        lambda e: e["event"] == "images_progress" and e["done"] >= 8,
+        wait_s=120,
     )
-    deadline = time.monotonic() + 120
-    for line in proc.stderr:
-        if '"images_progress"' in line and json.loads(line)["done"] >= 8:
-            break
-        assert time.monotonic() < deadline, "no progress in time"
-    sent = time.monotonic()
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=30)
-    assert time.monotonic() - sent < 30
-    assert proc.returncode == 75, out
+    assert code == 75, out
 
     art = cfg.artifacts_dir
     assert not [p for p in art.rglob(".tmp-*")], "temp files left behind"
