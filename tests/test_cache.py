@@ -20,7 +20,7 @@ from cache_fixtures import (  # noqa: F401
     odd_images,
     server,
 )
-from PIL import Image
+from PIL import Image, JpegImagePlugin
 
 from jobs import cache, db, runs
 from jobs.errors import InputError
@@ -133,6 +133,8 @@ def test_cache_end_to_end(ccfg, server: Server) -> None:
     g0 = cfg.artifacts_dir / cache.train_rel(active["train"].column("image_sha256")[0].as_py(), 256)
     with Image.open(g0) as im:
         assert im.size == (455, 256)  # 640x360 -> short side 256, aspect kept
+        # chroma halved horizontally only (cheaper to decode every epoch, images.encode_jpeg)
+        assert JpegImagePlugin.get_sampling(im) == 1  # 4:2:2
 
     # Nothing cached for any failure: one original + one training copy per good content, no temp files.
     files = cache_files(cfg)
