@@ -83,6 +83,13 @@ def main() -> None:
         default=None,
         help="JPEG chroma subsampling (default: what the cache's encoder writes)",
     )
+    ap.add_argument(
+        "--images",
+        type=Path,
+        default=None,
+        help="use these JPEGs (e.g. artifacts/images/train256 after 'just demo') instead of "
+        "generated ones",
+    )
     args = ap.parse_args()
 
     import statistics
@@ -116,7 +123,16 @@ def main() -> None:
     n_img = args.batch * (args.steps + args.warmup)
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         quality = CacheConfig().jpeg_quality
-        paths = make_jpegs(Path(tmp), min(n_img, 2048), args.short_side, quality, args.subsampling)
+        if args.images is not None:
+            paths = sorted(args.images.rglob("*.jpg"))[:2048]
+            if len(paths) < args.batch:
+                ap.error(f"{args.images}: fewer than {args.batch} JPEGs")
+            source = f"{len(paths)} files from {args.images}"
+        else:
+            paths = make_jpegs(
+                Path(tmp), min(n_img, 2048), args.short_side, quality, args.subsampling
+            )
+            source = f"generated, q{quality}/{args.subsampling or 'as the cache writes'}"
         kb = np.mean([p.stat().st_size for p in paths]) / 1e3
         targets = np.random.default_rng(1).uniform(0, 5, (len(paths), 1)).astype(np.float32)
         ds = D.ManifestDataset(
@@ -187,10 +203,10 @@ def main() -> None:
 
     print(
         f"bench_train {args.backbone} batch={args.batch} size={args.size} "
-        f"jpeg_short_side={args.short_side} jpeg={quality}/{args.subsampling or 'cache'} "
-        f"({kb:.0f} KB) cores={cores} threads={threads} workers={args.workers} "
+        f"cores={cores} threads={threads} workers={args.workers} "
         "layout=uint8 NHWC -> channels_last"
     )
+    print(f"  JPEGs: {source}, {kb:.0f} KB each on average")
     print(f"  in-memory compute limit : {mem_ips:8.1f} img/s")
     print(f"  from cache (DataLoader) : {cache_ips:8.1f} img/s")
     print(f"  decode+augment, 1 proc  : {decode_ips:8.1f} img/s")

@@ -357,3 +357,18 @@ def test_augmentation_without_jitter_is_the_preprocessing_contract(tmp_path):
         assert got.shape == (64, 64, 3) and ds[0][0].dtype == torch.uint8
         diff = min(int((got - ref).abs().max()), int((got - ref.flip(1)).abs().max()))
         assert diff <= 1
+
+
+@pytest.mark.parametrize("b,c", [(1.1, 0.9), (0.9, 1.1), (1.0, 0.92), (1.07, 1.0)])
+def test_brightness_contrast_matches_pil_image_enhance(b, c):
+    # The fused uint8 map must be what PIL's ImageEnhance.Brightness then .Contrast give (the
+    # documented augmentation), away from saturation, to within rounding: PIL truncates after
+    # each of its two blends, the fused map rounds once, so PIL is up to 2 levels lower.
+    from PIL import Image, ImageEnhance
+
+    arr = np.random.default_rng(1).integers(30, 200, (48, 80, 3), dtype=np.uint8)
+    ref = ImageEnhance.Contrast(ImageEnhance.Brightness(Image.fromarray(arr)).enhance(b)).enhance(c)
+    got = D.brightness_contrast(torch.from_numpy(arr.copy()), b, c)
+    assert got.dtype == torch.uint8 and got.shape == arr.shape
+    diff = got.int() - torch.from_numpy(np.asarray(ref)).int()
+    assert int(diff.min()) >= 0 and int(diff.max()) <= 2
