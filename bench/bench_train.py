@@ -194,12 +194,14 @@ def main() -> None:
         cache_ips = args.batch * args.steps / cache_s
         state.clear()  # stops the workers
 
-        # decode-only rate of one process (what a worker must sustain)
+        # decode+augment rate of one worker (one torch thread, as the DataLoader sets it)
+        torch.set_num_threads(1)
         t0 = time.perf_counter()
         k = min(len(ds), 256)
         for i in range(k):
             ds[i]
         decode_ips = k / (time.perf_counter() - t0)
+        torch.set_num_threads(threads)
 
     print(
         f"bench_train {args.backbone} batch={args.batch} size={args.size} "
@@ -209,7 +211,7 @@ def main() -> None:
     print(f"  JPEGs: {source}, {kb:.0f} KB each on average")
     print(f"  in-memory compute limit : {mem_ips:8.1f} img/s")
     print(f"  from cache (DataLoader) : {cache_ips:8.1f} img/s")
-    print(f"  decode+augment, 1 proc  : {decode_ips:8.1f} img/s")
+    print(f"  decode+augment, 1 worker: {decode_ips:8.1f} img/s")
     print(f"  ratio cache / in-memory : {cache_ips / mem_ips:8.2f}x  (goal >= 0.90x)")
     print(
         f"  per-block ratios        : median {statistics.median(ratios):.2f}x, "
