@@ -22,7 +22,6 @@ import asyncio
 import io
 import json
 import multiprocessing as mp
-import os
 import sys
 import tempfile
 import time
@@ -164,6 +163,7 @@ def main() -> None:
 
     from jobs import cache, db, logs
     from jobs.config import load_config
+    from jobs.resources import available_cpus
 
     logs.configure(json_logs=True, level="WARNING")
     q: mp.Queue = mp.Queue()
@@ -198,7 +198,7 @@ def main() -> None:
             s2 = cache.run(cfg, run=run2.model_version, env={})
             resume_s = time.perf_counter() - t
             sample = asyncio.run(_bodies(urls[: min(400, len(urls))]))
-            workers = cfg.cache.cpu_workers or len(os.sched_getaffinity(0))
+            workers = cfg.cache.cpu_workers or available_cpus()
             cpu_fps = _cpu_limit(cfg, sample, workers)
         finally:
             db.stop_embedded(pgdata)
@@ -209,7 +209,7 @@ def main() -> None:
         "avg_kb": round(avg / 1024, 1),
         "concurrency": args.concurrency,
         "latency_ms": args.latency_ms,
-        "cpus": len(os.sched_getaffinity(0)),
+        "cpus": available_cpus(),
         "bare_files_per_s": round(args.files / bare_s, 1),
         "bare_vs_ideal": round(args.files / bare_s / ideal, 3),
         "job_files_per_s": round(args.files / job_s, 1),

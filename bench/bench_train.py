@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
 import sys
 import tempfile
 import time
@@ -97,11 +96,12 @@ def main() -> None:
     import torch
 
     from jobs.config import CacheConfig
+    from jobs.resources import available_cpus
     from jobs.train import data as D
     from jobs.train import engine
     from jobs.train import model as M
 
-    cores = len(os.sched_getaffinity(0))
+    cores = available_cpus()
     threads = args.threads or cores
     torch.set_num_threads(threads)
     torch.manual_seed(0)

@@ -352,8 +352,9 @@ async def cache_urls(
     With an ``index``, URLs already cached (index hit and both files present) cost no request;
     new entries are upserted in batches as they complete, so a killed run keeps its progress.
     """
-    from jobs.fetch import Fetcher, FetchFailed, os_cpu_count
+    from jobs.fetch import Fetcher, FetchFailed
     from jobs.images import ImageRejected
+    from jobs.resources import available_cpus
 
     log = get_logger()
     c = cfg.cache
@@ -382,7 +383,7 @@ async def cache_urls(
         to_fetch.append(url)
 
     pool = ThreadPoolExecutor(
-        max_workers=c.cpu_workers or os_cpu_count(), thread_name_prefix="cache-cpu"
+        max_workers=c.cpu_workers or available_cpus(), thread_name_prefix="cache-cpu"
     )
     loop = asyncio.get_running_loop()
     pending_rows: list[tuple[str, str, str, int, int, int]] = []

@@ -113,7 +113,8 @@ class CacheConfig(_Section):
     ] = ()
     # file:// URLs (allow_file_urls) are read only below this directory; None: paths.data_dir.
     file_root: Path | None = None
-    # CPU threads for decode/validate/resize (None: the CPUs this process may use).
+    # CPU threads for decode/validate/resize (None: the CPUs this process may use, a
+    # container's CPU quota included: jobs.resources.available_cpus).
     cpu_workers: int | None = Field(None, ge=1, le=256)
     progress_every_s: float = Field(10.0, gt=0)
 
@@ -136,6 +137,8 @@ class TrainConfig(_Section):
     sample_weighting: Literal["none", "sqrt_count"] = "none"
     seed: int = Field(1234, ge=0)
     num_workers: int = Field(2, ge=0, le=64)
+    # torch threads; None: the CPUs this process may use, a container's CPU quota included
+    # (jobs.resources.available_cpus).
     threads: int | None = Field(None, ge=1, le=256)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # distribution target: each person's rating becomes a discrete Gaussian (this sigma, in

@@ -30,7 +30,6 @@ import contextlib
 import email.utils
 import hashlib
 import ipaddress
-import os
 import secrets
 import socket
 import time
@@ -593,9 +592,3 @@ def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
         seen.add(id(cur))
         cur = cur.__cause__ or cur.__context__
     return False
-
-
-def os_cpu_count() -> int:
-    return max(
-        1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    )

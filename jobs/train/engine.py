@@ -114,12 +114,10 @@ def decide_device(cfg: Config) -> torch.device:
 
 
 def default_threads(cfg: Config) -> int:
-    if cfg.train.threads:
-        return cfg.train.threads
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
+    """``train.threads``, else the CPUs this process may use (a container's quota included)."""
+    from jobs.resources import available_cpus
+
+    return cfg.train.threads or available_cpus()
 
 
 # ---- losses ----------------------------------------------------------------------------
