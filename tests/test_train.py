@@ -331,7 +331,7 @@ def test_same_seed_same_weights_with_dataloader_workers(make_cfg):
 
 
 def test_augmentation_without_jitter_is_the_preprocessing_contract(tmp_path):
-    # The training crop path (torchvision uint8 ops) must agree with jobs.images.preprocess
+    # The training crop path (torch uint8 ops) must agree with jobs.images.preprocess
     # (Pillow) when the crop keeps the whole frame and no jitter applies: same picture to
     # within one grey level, or its mirror image (the flip stays random).
     from PIL import Image
