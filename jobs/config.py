@@ -85,7 +85,8 @@ class DatasetConfig(_Section):
     # webcam_day: near-identical frames (same webcam, same UTC day) never straddle splits.
     group_key: Literal["webcam_day", "snapshot", "webcam"] = "webcam_day"
     allowed_url_schemes: tuple[Literal["https", "http", "file"], ...] = ("https", "http")
-    write_csv: bool = False
+    # manifest_*.csv beside the Parquet files (same rows and columns; hashed with them)
+    write_csv: bool = True
 
 
 class CacheConfig(_Section):
