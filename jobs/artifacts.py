@@ -4,14 +4,25 @@ Every file a job produces goes through ``atomic_path``: written to a hidden temp
 destination directory, validated by the caller's check, fsynced, then ``os.replace``d into
 place. A SIGKILL mid-write leaves the old file or none at the final name; stale temp files
 (``.tmp-*``) are removed by ``sweep_temp`` on the next start.
+
+Temp names carry their owner (RELIABILITY.md 29): ``.tmp-h<tag>-p<pid>-<random>-<name>``, where
+``tag`` names the place a pid means something (this machine's boot and PID namespace, and its
+host name: a pod in a Kubernetes Job usually runs as pid 1, so a pid alone says nothing on a
+volume two pods share). A sweep removes a temp file only if this process wrote it, or its
+writer's pid is dead in this same place; a file of another host (or an unowned legacy name) only
+once it is older than a generous age. So a sibling shard or a training run writing into the same
+directory never loses its in-flight file.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
+import re
 import secrets
+import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,6 +30,11 @@ from pathlib import Path
 from jobs.errors import InputError
 
 TEMP_PREFIX = ".tmp-"
+# A temp file of an unknown owner (another host, a name from before owners were recorded) is
+# removed once it is this old: every writer here touches its file at least every few minutes
+# (a download has a total timeout; a Parquet or checkpoint write takes minutes at most).
+FOREIGN_TEMP_AGE_S = 3600.0
+_OWNED = re.compile(rf"^{re.escape(TEMP_PREFIX)}h([0-9a-f]{{10}})-p(\d+)-[0-9a-f]+-")
 _CHUNK = 1 << 20
 
 
@@ -43,9 +59,30 @@ def _fsync_dir(directory: Path) -> None:
             os.close(fd)
 
 
+@functools.cache
+def owner_tag() -> str:
+    """Where a pid is meaningful: host name, kernel boot and PID namespace, hashed to 10 hex.
+
+    Two pods (each its own pid 1) or a machine after a reboot get different tags, so a sweep
+    never judges their files by a pid that is not theirs.
+    """
+    parts = [socket.gethostname()]
+    with contextlib.suppress(OSError):
+        parts.append(Path("/proc/sys/kernel/random/boot_id").read_text().strip())
+    with contextlib.suppress(OSError):
+        parts.append(os.readlink("/proc/self/ns/pid"))
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:10]
+
+
+def temp_name(name: str) -> str:
+    """``.tmp-h<owner tag>-p<pid>-<random>-<name>``: unique, and says who is writing it."""
+    return f"{TEMP_PREFIX}h{owner_tag()}-p{os.getpid()}-{secrets.token_hex(6)}-{name}"
+
+
 def temp_path_for(final: Path) -> Path:
-    """A unique temp name in the same directory (so the rename is atomic on one filesystem)."""
-    return final.with_name(f"{TEMP_PREFIX}{secrets.token_hex(6)}-{final.name}")
+    """A unique, owned temp name in the same directory (so the rename is atomic on one
+    filesystem)."""
+    return final.with_name(temp_name(final.name))
 
 
 @contextlib.contextmanager
@@ -100,8 +137,64 @@ def atomic_write_text(final: str | Path, text: str, **kw) -> Path:
     return atomic_write_bytes(final, text.encode("utf-8"), **kw)
 
 
-def sweep_temp(directory: str | Path, *, older_than_s: float = 0.0, recursive: bool = True) -> int:
-    """Remove leftover temp files (from a killed writer). Returns how many were removed."""
+def _boot_time() -> float | None:
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/stat").read_text().splitlines():
+            if line.startswith("btime "):
+                return float(line.split()[1])
+    return None
+
+
+def pid_wrote_it(pid: int, mtime: float) -> bool:
+    """Is the process ``pid`` (in this PID namespace) alive and old enough to have written a
+    file last modified at ``mtime``? A zombie is dead; a pid whose process started after the
+    file was last written was reused by another program, so the writer is gone."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # alive, another user's
+    except OverflowError:
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no /proc: trust kill(0)
+    fields = stat.rpartition(")")[2].split()
+    if not fields or fields[0] in ("Z", "X"):
+        return False
+    boot = _boot_time()
+    if boot is not None and len(fields) > 19:
+        started = boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+        if started > mtime + 2.0:  # btime has whole seconds
+            return False
+    return True
+
+
+def temp_is_stale(path: Path, *, foreign_age_s: float, now: float | None = None) -> bool:
+    """Whether a sweep may remove the temp file ``path`` (see the module docstring)."""
+    try:
+        mtime = path.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    m = _OWNED.match(path.name)
+    if m is not None and m.group(1) == owner_tag():
+        pid = int(m.group(2))
+        return pid == os.getpid() or not pid_wrote_it(pid, mtime)
+    # another host's file, or a legacy name without an owner: only by age
+    return (time.time() if now is None else now) - mtime >= foreign_age_s
+
+
+def sweep_temp(
+    directory: str | Path,
+    *,
+    foreign_age_s: float = FOREIGN_TEMP_AGE_S,
+    recursive: bool = True,
+) -> int:
+    """Remove temp files a killed writer left: this process's own, a dead pid's on this host,
+    and those of an unknown owner older than ``foreign_age_s``. A live writer's file (another
+    shard, a training run beside this job) is never touched. Returns how many were removed."""
     directory = Path(directory)
     if not directory.exists():
         return 0
@@ -110,7 +203,7 @@ def sweep_temp(directory: str | Path, *, older_than_s: float = 0.0, recursive: b
     removed = 0
     for p in directory.glob(pattern):
         try:
-            if p.is_file() and now - p.stat().st_mtime >= older_than_s:
+            if p.is_file() and temp_is_stale(p, foreign_age_s=foreign_age_s, now=now):
                 p.unlink()
                 removed += 1
         except FileNotFoundError:

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from jobs import db, runs
-from jobs.artifacts import atomic_path, sweep_temp, temp_path_for
+from jobs.artifacts import FOREIGN_TEMP_AGE_S, atomic_path, sweep_temp, temp_path_for
 from jobs.errors import InputError
 from jobs.logs import bind, get_logger
 
@@ -749,7 +749,11 @@ def run(
                 "seconds": round(time.monotonic() - started, 3),
             }
 
-        swept = sweep_temp(images_dir(cfg), older_than_s=max(300.0, 2 * cfg.cache.total_timeout_s))
+        # Only what this process or a dead one left (or an unknown owner's, once old): other
+        # shards share images/ and may be downloading into it right now.
+        swept = sweep_temp(
+            images_dir(cfg), foreign_age_s=max(FOREIGN_TEMP_AGE_S, 2 * cfg.cache.total_timeout_s)
+        )
         swept += sweep_temp(runs.run_dir(cfg, r.model_version))
         all_urls = _distinct_urls(manifests)
         urls = [u for u in all_urls if shard_of(u, n) == i] if n > 1 else all_urls

@@ -336,8 +336,11 @@ class Fetcher:
     def _temp_body(self, dest_dir: Path) -> Iterator[Path]:
         """A new temp path for a body in ``dest_dir``, registered for remove_temp_bodies();
         removed again if writing it fails."""
+        from jobs.artifacts import temp_path_for
+
         dest_dir.mkdir(parents=True, exist_ok=True)
-        tmp = dest_dir / f"{TEMP_PREFIX}{secrets.token_hex(8)}.part"
+        # An owned name (host, pid): another shard's sweep leaves it alone while we live.
+        tmp = temp_path_for(dest_dir / "body.part")
         self.temp_bodies.add(tmp)
         try:
             yield tmp

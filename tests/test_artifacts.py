@@ -61,12 +61,75 @@ def test_sigkill_mid_write_leaves_old_file_and_sweep_removes_temp(tmp_path):
 
 
 def test_sweep_respects_age(tmp_path):
-    fresh = tmp_path / f"{artifacts.TEMP_PREFIX}abc-file"
+    fresh = tmp_path / f"{artifacts.TEMP_PREFIX}abc-file"  # a legacy name: no owner recorded
     fresh.write_bytes(b"x")
-    assert artifacts.sweep_temp(tmp_path, older_than_s=3600) == 0
+    assert artifacts.sweep_temp(tmp_path, foreign_age_s=3600) == 0
     old = time.time() - 7200
     os.utime(fresh, (old, old))
-    assert artifacts.sweep_temp(tmp_path, older_than_s=3600) == 1
+    assert artifacts.sweep_temp(tmp_path, foreign_age_s=3600) == 1
+
+
+def _owned_by(tmp_path, pid: int, name: str, tag: str | None = None):
+    p = tmp_path / f"{artifacts.TEMP_PREFIX}h{tag or artifacts.owner_tag()}-p{pid}-abc123-{name}"
+    p.write_bytes(b"in flight")
+    return p
+
+
+def test_temp_names_carry_their_owner(tmp_path):
+    p = artifacts.temp_path_for(tmp_path / "manifest.parquet")
+    assert p.parent == tmp_path and p.name.endswith("-manifest.parquet")
+    assert p.name.startswith(f"{artifacts.TEMP_PREFIX}h{artifacts.owner_tag()}-p{os.getpid()}-")
+    assert artifacts.temp_path_for(tmp_path / "m") != artifacts.temp_path_for(tmp_path / "m")
+
+
+def test_sweep_spares_a_live_siblings_file_and_removes_a_dead_ones(tmp_path):
+    """Two shards (or a shard and a training run) share a directory: the sweep at one's start
+    must not delete the other's in-flight temp file, only what a dead writer left."""
+    sibling = subprocess.Popen(["sleep", "60"])
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # exited and reaped: its pid is free
+    try:
+        live_file = _owned_by(tmp_path, sibling.pid, "shard-1.parquet")
+        dead_file = _owned_by(tmp_path, dead.pid, "shard-2.parquet")
+        mine = _owned_by(tmp_path, os.getpid(), "mine.parquet")
+        # Another host's file (its pid means nothing here): only by age, even if old-ish.
+        foreign = _owned_by(tmp_path, dead.pid, "other-host.parquet", tag="0123456789")
+        legacy = tmp_path / f"{artifacts.TEMP_PREFIX}1a2b3c4d5e6f-young.parquet"
+        legacy.write_bytes(b"unowned, young")
+        old = time.time() - 600
+        for p in (foreign, legacy):
+            os.utime(p, (old, old))
+
+        assert artifacts.sweep_temp(tmp_path, foreign_age_s=3600) == 2
+        assert live_file.exists() and foreign.exists() and legacy.exists()
+        assert not dead_file.exists() and not mine.exists()
+
+        # The foreign and legacy files go once they are older than the generous age.
+        ancient = time.time() - 7200
+        for p in (foreign, legacy):
+            os.utime(p, (ancient, ancient))
+        assert artifacts.sweep_temp(tmp_path, foreign_age_s=3600) == 2
+        assert [p.name for p in tmp_path.iterdir()] == [live_file.name]
+    finally:
+        sibling.kill()
+        sibling.wait()
+    # The sibling is gone now: its file is a dead writer's leftover.
+    assert artifacts.sweep_temp(tmp_path) == 1 and list(tmp_path.iterdir()) == []
+
+
+def test_a_reused_pid_does_not_keep_a_dead_writers_file(tmp_path):
+    """The writer died and its pid now belongs to a process started after the file was last
+    written (here: a live process, the file dated before it started)."""
+    later = subprocess.Popen(["sleep", "60"])
+    try:
+        f = _owned_by(tmp_path, later.pid, "old.parquet")
+        old = time.time() - 600  # written long before that process existed
+        os.utime(f, (old, old))
+        assert artifacts.pid_wrote_it(later.pid, time.time()) is True
+        assert artifacts.sweep_temp(tmp_path) == 1 and not f.exists()
+    finally:
+        later.kill()
+        later.wait()
 
 
 def test_write_once_and_sha_check(tmp_path):

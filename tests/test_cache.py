@@ -269,18 +269,36 @@ def test_second_concurrent_run_exits_zero_saying_why(ccfg, server: Server) -> No
 
 
 def test_stale_temp_files_are_swept(ccfg, server: Server) -> None:
+    """The sweep at a shard's start removes what a dead writer left, never another live
+    shard's in-flight download (RELIABILITY.md 29)."""
+    from jobs import artifacts
+
     cfg = ccfg()
-    stale = cfg.artifacts_dir / "images" / "original" / ".tmp-dead-beef.part"
-    stale.parent.mkdir(parents=True)
+    incoming = cfg.artifacts_dir / "images" / "original"
+    incoming.mkdir(parents=True)
+    stale = incoming / ".tmp-dead-beef.part"  # a legacy, unowned name, long abandoned
     stale.write_bytes(b"half a download")
-    old = time.time() - 3600
+    old = time.time() - 7200
     os.utime(stale, (old, old))
-    fresh = stale.with_name(".tmp-live-writer.part")  # another shard may be writing this now
+    fresh = stale.with_name(".tmp-live-writer.part")  # unowned but young: may be in flight
     fresh.write_bytes(b"in progress")
-    cache.run(
-        cfg, run=make_exported_run(cfg, good_urls(server, 2, prefix="t")).model_version, env={}
-    )
-    assert not stale.exists() and fresh.exists()
+    sibling = subprocess.Popen(["sleep", "60"])  # another shard, alive, on this host
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    tag = artifacts.owner_tag()
+    live_body = incoming / f".tmp-h{tag}-p{sibling.pid}-0a0b0c-body.part"
+    live_body.write_bytes(b"downloading")
+    dead_body = incoming / f".tmp-h{tag}-p{dead.pid}-0a0b0c-body.part"
+    dead_body.write_bytes(b"killed mid-download")
+    try:
+        cache.run(
+            cfg, run=make_exported_run(cfg, good_urls(server, 2, prefix="t")).model_version, env={}
+        )
+        assert not stale.exists() and fresh.exists()
+        assert live_body.exists() and not dead_body.exists()
+    finally:
+        sibling.kill()
+        sibling.wait()
 
 
 def test_file_urls_in_the_demo_config(make_cfg, server: Server, tmp_path: Path) -> None:
