@@ -37,7 +37,9 @@ Identifier = Annotated[str, Field(pattern=_IDENT.pattern)]
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: ``.inf``/``.nan`` (YAML or an AIR__ override) is refused naming the
+    # key; a bound like ``ge=0`` alone lets ``.inf`` through (an infinite timeout, backoff...).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ProjectConfig(_Section):
@@ -202,7 +204,7 @@ class DemoConfig(_Section):
 
 
 class Config(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     project: ProjectConfig = ProjectConfig()
     paths: PathsConfig = PathsConfig()

@@ -146,3 +146,55 @@ def test_train_hash_covers_what_changes_the_result_only():
     assert (
         load_config(BASELINE, env={"AIR__DATASET__SPLIT_SEED": "9"}).train_hash != base.train_hash
     )
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("train:\n  lr: .inf\n", "train.lr"),
+        ("cache:\n  backoff_base_s: .inf\n", "cache.backoff_base_s"),  # ge=0 alone lets inf by
+        ("cache:\n  total_timeout_s: .inf\n", "cache.total_timeout_s"),
+        ("cache:\n  retry_after_cap_s: .nan\n", "cache.retry_after_cap_s"),
+        ("train:\n  weight_decay: -.inf\n", "train.weight_decay"),
+        ("train:\n  lr: 1e999\n", "train.lr"),  # overflows to inf when read
+        ("demo:\n  rater_bias_sd: .NaN\n", "demo.rater_bias_sd"),
+    ],
+)
+def test_non_finite_numbers_in_yaml_are_refused_naming_the_key(tmp_path, text, needle):
+    with pytest.raises(ConfigError) as exc:
+        load_config(write(tmp_path, text), env={})
+    assert needle in str(exc.value)
+    assert exc.value.exit_code == 2
+
+
+@pytest.mark.parametrize("raw", [".inf", "-.inf", ".nan", "inf", "nan", "Infinity", "1e999"])
+def test_non_finite_numbers_in_env_overrides_are_refused_naming_the_key(raw):
+    for var, key in (
+        ("AIR__CACHE__BACKOFF_MAX_S", "cache.backoff_max_s"),
+        ("AIR__EVALUATE__CI_LEVEL", "evaluate.ci_level"),
+    ):
+        with pytest.raises(ConfigError) as exc:
+            load_config(BASELINE, env={var: raw})
+        assert key in str(exc.value), raw
+
+
+def test_non_finite_number_through_the_cli_exits_2_naming_the_key(tmp_path):
+    import json
+    import os
+    import subprocess
+
+    from conftest import AIRATINGS
+
+    env = {
+        **os.environ,
+        "AIR__TRAIN__LR": ".inf",
+        "AIR_DATA_DIR": str(tmp_path / "data"),
+        "AIR_ARTIFACTS_DIR": str(tmp_path / "art"),
+    }
+    env.pop("DATABASE_URL", None)
+    r = subprocess.run(
+        [AIRATINGS, "migrate", "--json"], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert r.returncode == 2
+    assert "train.lr: Input should be a finite number" in json.loads(r.stdout)["error"]
+    assert not (tmp_path / "data").exists()
