@@ -196,10 +196,18 @@ def dbt(
 def export(
     config: ConfigOpt = DEFAULT_CONFIG,
     json_: JsonOpt = False,
-    csv: Annotated[bool, typer.Option("--csv", help="Also write manifest_*.csv.")] = False,
+    csv: Annotated[
+        bool | None,
+        typer.Option(
+            "--csv/--no-csv", help="Write manifest_*.csv beside the Parquet files (config default)."
+        ),
+    ] = None,
+    notes: Annotated[
+        str | None, typer.Option("--notes", help="Free text kept on the run (airatings models).")
+    ] = None,
 ) -> None:
-    """Build dbt, freeze the split view into Parquet manifests, record the run and its labels."""
-    run_job("export", "jobs.export:run", config, json_, csv=csv)
+    """Build dbt, freeze the split view into Parquet + CSV manifests, record the run and its labels."""
+    run_job("export", "jobs.export:run", config, json_, csv=csv, notes=notes)
 
 
 @app.command("cache")
@@ -269,6 +277,19 @@ def score(config: ConfigOpt = DEFAULT_CONFIG, json_: JsonOpt = False) -> None:
 def review(config: ConfigOpt = DEFAULT_CONFIG, json_: JsonOpt = False) -> None:
     """Disagreement report, review set and relabel import ([7/8])."""
     run_job("review", "jobs.review:run", config, json_)
+
+
+@app.command("provenance")
+def provenance(
+    version: Annotated[str, typer.Argument(help="Model version (or run id, or 'latest').")],
+    config: ConfigOpt = DEFAULT_CONFIG,
+    json_: JsonOpt = False,
+    snapshot: Annotated[
+        int | None, typer.Option("--snapshot", help="One snapshot: its label and ratings.")
+    ] = None,
+) -> None:
+    """Which labels and which people's ratings trained VERSION; what changed since."""
+    run_job("provenance", "jobs.provenance:run", config, json_, version=version, snapshot=snapshot)
 
 
 @app.command("models")

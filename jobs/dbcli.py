@@ -69,8 +69,8 @@ def models(cfg: Config) -> dict[str, Any]:
     with db.connect(cfg) as conn:
         rows = conn.execute(
             sql.SQL(
-                "select id, model_version, status, dataset_hash, created_at, failure_reason"
-                " from {} order by id"
+                "select id, model_version, status, dataset_hash, created_at, failure_reason,"
+                " notes from {} order by id"
             ).format(table(cfg, "model_training_runs"))
         ).fetchall()
     runs = [
@@ -81,6 +81,7 @@ def models(cfg: Config) -> dict[str, Any]:
             "dataset_hash": r[3],
             "created_at": r[4].isoformat(),
             "failure_reason": r[5],
+            "notes": r[6],
         }
         for r in rows
     ]

@@ -49,7 +49,8 @@ if TYPE_CHECKING:
 
 log = get_logger()
 
-FORMAT_VERSION = 1
+# 2: label provenance columns (rating_ids, relabel_id, label_formula_version) read and hashed
+FORMAT_VERSION = 2
 SPLITS = ("train", "val", "test")
 SPLITS_MODEL = "fct_dataset_splits"
 CANDIDATES_MODEL = "fct_label_candidates"
@@ -61,7 +62,16 @@ DROP_REASONS = (
     "label_out_of_range",
     "duplicate_snapshot",
 )
-LABEL_COLUMNS = ("training_run_id", "snapshot_id", "label_source", "label_value", "split")
+LABEL_COLUMNS = (
+    "training_run_id",
+    "snapshot_id",
+    "label_source",
+    "label_value",
+    "split",
+    "rating_ids",
+    "relabel_id",
+    "label_formula_version",
+)
 
 
 def manifest_schema() -> pa.Schema:
@@ -69,6 +79,27 @@ def manifest_schema() -> pa.Schema:
     from jobs.manifests import MANIFEST_SCHEMA
 
     return MANIFEST_SCHEMA
+
+
+def provenance_schema() -> pa.Schema:
+    """Columns read with the manifest rows that go only to the label rows (and the hash): the
+    app's rating ids behind each label, the reviewed label's id, the label formula version."""
+    import pyarrow as pa
+
+    return pa.schema(
+        [
+            ("rating_ids", pa.list_(pa.int64())),
+            ("relabel_id", pa.int64()),
+            ("label_formula_version", pa.int16()),
+        ]
+    )
+
+
+def read_schema() -> pa.Schema:
+    """What the export reads from the split mart: the manifest columns, then provenance."""
+    import pyarrow as pa
+
+    return pa.schema([*manifest_schema(), *provenance_schema()])
 
 
 # ---- reading ---------------------------------------------------------------------------
@@ -124,7 +155,7 @@ def duckdb_connect(cfg: Config) -> Any:
 
 def splits_query(cfg: Config) -> str:
     """The query the export (and the benchmark's raw baseline) runs through DuckDB."""
-    cols = ", ".join(_duck_ident(f.name) for f in manifest_schema())
+    cols = ", ".join(_duck_ident(f.name) for f in read_schema())
     rel = f"pg.{_duck_ident(cfg.database.dbt_schema)}.{_duck_ident(SPLITS_MODEL)}"
     return f"select {cols} from {rel} order by snapshot_id"  # noqa: S608 (identifiers checked)
 
@@ -156,10 +187,11 @@ def read_snapshot(cfg: Config, con: Any | None = None) -> tuple[pa.Table, dict[s
 
 
 def conform(table: pa.Table) -> pa.Table:
-    """Cast to the manifest schema (column order, types, UTC) and check sort + uniqueness."""
+    """Cast to the read schema (manifest columns + provenance; order, types, UTC) and check
+    sort + uniqueness."""
     import pyarrow.compute as pc
 
-    schema = manifest_schema()
+    schema = read_schema()
     table = table.select(schema.names).cast(schema).combine_chunks()
     ids = table.column("snapshot_id")
     if table.num_rows > 1 and not pc.all(pc.greater(ids[1:], ids[:-1])).as_py():
@@ -170,7 +202,7 @@ def conform(table: pa.Table) -> pa.Table:
 # ---- identity ----------------------------------------------------------------------------
 
 
-def export_params(cfg: Config) -> dict[str, Any]:
+def export_params(cfg: Config, *, csv: bool = True) -> dict[str, Any]:
     """What defines a dataset besides its rows (hashed). Schema names say where, not what."""
     dbt_vars = {
         k: v
@@ -180,8 +212,10 @@ def export_params(cfg: Config) -> dict[str, Any]:
     return {
         "format_version": FORMAT_VERSION,
         "source_model": SPLITS_MODEL,
-        "columns": [[f.name, str(f.type)] for f in manifest_schema()],
+        "columns": [[f.name, str(f.type)] for f in read_schema()],
         "dbt_vars": dbt_vars,
+        # the files written are part of the dataset's identity: manifest_*.csv are hashed too
+        "formats": ["parquet", "csv"] if csv else ["parquet"],
     }
 
 
@@ -269,8 +303,11 @@ def _write_csv(con: Any, table: pa.Table, final: Path) -> None:
 
 
 def _split_tables(table: pa.Table) -> dict[str, pa.Table]:
+    """The manifest files' contents: the manifest columns only (provenance goes to the label
+    rows), the full table and one per split."""
     import pyarrow.compute as pc
 
+    table = table.select(manifest_schema().names)
     out = {"full": table}
     for s in SPLITS:
         out[s] = table.filter(pc.equal(table.column("split"), s))
@@ -280,7 +317,10 @@ def _split_tables(table: pa.Table) -> dict[str, pa.Table]:
 def write_dataset(
     cfg: Config, table: pa.Table, digest: str, params: dict[str, Any], *, csv: bool
 ) -> dict[str, Any]:
-    """Write (or reuse) ``datasets/<digest>/``; returns the dataset record (dataset.json)."""
+    """Write (or reuse) ``datasets/<digest>/``; returns the dataset record (dataset.json).
+
+    A file already there whose sha256 matches the record is kept; anything else is rewritten.
+    """
     ddir = runs.dataset_dir(cfg, digest)
     ddir.mkdir(parents=True, exist_ok=True)
     artifacts.sweep_temp(ddir)
@@ -292,44 +332,26 @@ def write_dataset(
             record = json.loads(record_path.read_text())
         except ValueError:
             record = None
-    files: dict[str, Any] = {}
+    known_files = (record or {}).get("files", {})
+    writers = {"parquet": _write_parquet, "csv": lambda part, final: _write_csv(None, part, final)}
+    jobs = [(name, fmt) for fmt in (["parquet", "csv"] if csv else ["parquet"]) for name in parts]
 
-    def parquet(name: str) -> bool:
-        part = parts[name]
-        final = ddir / f"manifest_{name}.parquet"
-        known = (record or {}).get("files", {}).get(final.name)
-        wrote = False
-        if not (known and final.exists() and artifacts.sha256_file(final) == known["sha256"]):
-            _write_parquet(part, final)
-            wrote = True
-        files[final.name] = {
-            "rows": part.num_rows,
-            "bytes": final.stat().st_size,
-            "sha256": artifacts.sha256_file(final),
-        }
-        return wrote
+    def write_one(job: tuple[str, str]) -> tuple[str, dict[str, Any], bool]:
+        name, fmt = job
+        part, final = parts[name], ddir / f"manifest_{name}.{fmt}"
+        known = known_files.get(final.name)
+        sha = artifacts.sha256_file(final) if known and final.exists() else None
+        wrote = sha is None or sha != known["sha256"]
+        if wrote:
+            writers[fmt](part, final)
+            sha = artifacts.sha256_file(final)
+        info = {"rows": part.num_rows, "bytes": final.stat().st_size, "sha256": sha}
+        return final.name, info, wrote
 
-    # pyarrow releases the GIL while encoding: the four files are written side by side
+    # pyarrow and DuckDB release the GIL while encoding: the files are written side by side
     with ThreadPoolExecutor(max_workers=2) as pool:
-        wrote = list(pool.map(parquet, list(parts)))
-    reused = not any(wrote)
-    if csv:
-        for name, part in parts.items():
-            final = ddir / f"manifest_{name}.csv"
-            known = (record or {}).get("files", {}).get(final.name)
-            if not (known and final.exists() and artifacts.sha256_file(final) == known["sha256"]):
-                _write_csv(None, part, final)
-                reused = False
-            files[final.name] = {
-                "rows": part.num_rows,
-                "bytes": final.stat().st_size,
-                "sha256": artifacts.sha256_file(final),
-            }
-    elif record:
-        # keep CSVs an earlier --csv export wrote
-        for fname, info in record.get("files", {}).items():
-            if fname.endswith(".csv") and (ddir / fname).exists():
-                files[fname] = info
+        done = list(pool.map(write_one, jobs))
+    files = {fname: info for fname, info, _ in done}
     new_record = {
         "dataset_hash": digest,
         "params": params,
@@ -340,7 +362,7 @@ def write_dataset(
         artifacts.atomic_write_text(
             record_path, json.dumps(new_record, indent=2, sort_keys=True) + "\n"
         )
-    return {"dir": ddir, "record": new_record, "reused": reused}
+    return {"dir": ddir, "record": new_record, "reused": not any(w for _, _, w in done)}
 
 
 # ---- the run record ----------------------------------------------------------------------
@@ -398,19 +420,31 @@ def _library_versions() -> dict[str, str]:
     return out
 
 
+def pg_array_literal(lists: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """list<int64> -> PostgreSQL array literals ('{1,2,3}'; '{}' for an empty or null list),
+    vectorised in Arrow (no Python loop per row)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    lists = pc.fill_null(lists, pa.scalar([], lists.type))
+    joined = pc.binary_join(pc.cast(lists, pa.list_(pa.string())), ",")
+    return pc.binary_join_element_wise("{", joined, "}", "")
+
+
 def _labels_csv(table: pa.Table, run_id: int) -> bytes:
     import pyarrow as pa
     import pyarrow.csv as pacsv
 
     labels = pa.table(
         {
-            "training_run_id": pa.repeat(pa.scalar(run_id, pa.int64()), table.num_rows)
-            if hasattr(pa, "repeat")
-            else pa.array([run_id] * table.num_rows, pa.int64()),
+            "training_run_id": pa.repeat(pa.scalar(run_id, pa.int64()), table.num_rows),
             "snapshot_id": table.column("snapshot_id"),
             "label_source": table.column("label_source"),
             "label_value": table.column("label_value"),
             "split": table.column("split"),
+            "rating_ids": pg_array_literal(table.column("rating_ids")),
+            "relabel_id": table.column("relabel_id"),
+            "label_formula_version": table.column("label_formula_version"),
         }
     )
     buf = pa.BufferOutputStream()
@@ -435,6 +469,17 @@ def _insert_labels(conn: psycopg.Connection, cfg: Config, run_id: int, table: pa
     """Every manifest row as a label row of the run (inside the caller's transaction)."""
     copy_labels(conn, cfg, _labels_csv(table, run_id))
     return table.num_rows
+
+
+def set_notes(cfg: Config, run_id: int, notes: str) -> None:
+    """Replace a run's free-text notes (shown by `airatings models`)."""
+    with db.connect(cfg) as conn:
+        conn.execute(
+            sql.SQL("update {} set notes = %s, updated_at = now() where id = %s").format(
+                runs.table(cfg, "model_training_runs")
+            ),
+            (notes, run_id),
+        )
 
 
 def _find_existing(conn: psycopg.Connection, cfg: Config, digest: str) -> runs.Run | None:
@@ -467,7 +512,7 @@ def _check_migrated(cfg: Config) -> None:
 # ---- the job -----------------------------------------------------------------------------
 
 
-def run(cfg: Config, csv: bool = False) -> dict[str, Any]:
+def run(cfg: Config, csv: bool | None = None, notes: str | None = None) -> dict[str, Any]:
     """Build and test dbt, then export (see the module docstring). Returns the summary."""
     dbt_runner.checked_vars(cfg)
     with db.job_lock(cfg, "export", cfg.database.ml_schema) as held:
@@ -486,26 +531,34 @@ def run(cfg: Config, csv: bool = False) -> dict[str, Any]:
             built["seconds"] = round(time.monotonic() - started, 3)
             snapshot = read_snapshot(cfg)
         return export_dataset(
-            cfg, csv=csv or cfg.dataset.write_csv, dbt_summary=built, snapshot=snapshot
+            cfg,
+            csv=cfg.dataset.write_csv if csv is None else csv,
+            dbt_summary=built,
+            snapshot=snapshot,
+            notes=notes,
         )
 
 
 def export_dataset(
     cfg: Config,
     *,
-    csv: bool = False,
+    csv: bool = True,
     dbt_summary: dict[str, Any] | None = None,
     snapshot: tuple[pa.Table, dict[str, int], int] | None = None,
+    notes: str | None = None,
 ) -> dict[str, Any]:
     """Everything after ``dbt build``: read (unless ``snapshot`` is given: what
-    :func:`read_snapshot` returned), hash, write, record. The caller holds the export lock."""
+    :func:`read_snapshot` returned), hash, write, record. The caller holds the export lock.
+
+    ``notes`` go to ``model_training_runs.notes`` (also of a reused run: notes describe a run,
+    they are not part of its identity)."""
     started = time.monotonic()
     table, dropped, candidates = read_snapshot(cfg) if snapshot is None else snapshot
     if table.num_rows == 0:
         raise InputError(
             f"{SPLITS_MODEL} is empty ({candidates} candidates, dropped {dropped}): nothing to train on"
         )
-    params = export_params(cfg)
+    params = export_params(cfg, csv=csv)
     digest = dataset_hash(table, params)
     written = write_dataset(cfg, table, digest, params, csv=csv)
     record = written["record"]
@@ -522,6 +575,8 @@ def export_dataset(
         existing = _find_existing(conn, cfg, digest)
     if existing is not None:
         bind(run_id=existing.id, model_version=existing.model_version)
+        if notes is not None:
+            set_notes(cfg, existing.id, notes)
         log.info("export_reused", dataset_hash=digest, run_id=existing.id)
         return {
             "status": "already_exported",
@@ -548,14 +603,16 @@ def export_dataset(
     with db.connect(cfg) as conn, conn.transaction():
         run_id = conn.execute(
             sql.SQL(
-                "insert into {} (model_version, status, dataset_hash, config_hash, params_json)"
-                " values (%s, 'exported', %s, %s, %s::jsonb) returning id"
+                "insert into {}"
+                " (model_version, status, dataset_hash, config_hash, params_json, notes)"
+                " values (%s, 'exported', %s, %s, %s::jsonb, %s) returning id"
             ).format(runs.table(cfg, "model_training_runs")),
             (
                 version,
                 digest,
                 cfg.config_hash,
                 json.dumps({"export": provenance, "config": cfg.hashed_view}, default=str),
+                notes,
             ),
         ).fetchone()[0]
         bind(run_id=run_id)

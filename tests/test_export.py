@@ -118,6 +118,77 @@ def test_label_rows_equal_manifest_rows_and_run_row_has_provenance(exported):
     assert e["counts"] == s["counts"]
 
 
+def test_label_rows_carry_the_ratings_behind_each_label(exported):
+    """rating_ids = the app's rating rows that made the label: one per person (the latest),
+    so the exact duplicate rating row the world plants is not counted twice; a reviewed label
+    has no ratings behind it but its review's id."""
+    cfg, planted, s = exported
+    rows = _q(
+        cfg,
+        "select l.snapshot_id, l.label_source, l.rating_ids, l.relabel_id, l.label_formula_version"
+        " from airatings.model_training_snapshot_labels l where training_run_id = %s",
+        (s["run_id"],),
+    )
+    latest_per_person = dict(
+        _q(
+            cfg,
+            "select snapshot_id, array_agg(id order by id) from ("
+            "  select distinct on (snapshot_id, user_id) id, snapshot_id from public.webcam_snapshot_ratings"
+            "  where rating is not null order by snapshot_id, user_id, created_at desc, id desc) d"
+            " group by snapshot_id",
+        )
+    )
+    all_rows = dict(
+        _q(
+            cfg,
+            "select snapshot_id, count(*) from public.webcam_snapshot_ratings group by snapshot_id",
+        )
+    )
+    relabels = dict(
+        _q(cfg, "select snapshot_id, id from airatings.manual_relabels where superseded_at is null")
+    )
+    assert rows and {r[4] for r in rows} == {1}
+    doubled = 0
+    for sid, source, ids, relabel_id, _ in rows:
+        if source == "manual_review":
+            assert ids == [] and relabel_id == relabels[sid]
+        else:
+            assert ids == latest_per_person[sid] and relabel_id is None
+            doubled += all_rows[sid] > len(ids)
+    assert doubled >= 1  # the planted duplicate rating row is deduplicated, not counted twice
+    assert any(r[1] == "manual_review" for r in rows)
+
+
+def test_csv_manifests_by_default_same_rows_and_hashed(exported, tmp_path):
+    """manifest_*.csv are written without --csv, hold the Parquet rows and columns, are in
+    the file list with their sha256, and are part of the dataset's identity."""
+    import pyarrow.csv as pacsv
+
+    from jobs import artifacts
+
+    cfg, _, s = exported
+    assert cfg.dataset.write_csv is True
+    d = Path(s["dataset_dir"])
+    files = _q(
+        cfg,
+        "select params_json->'export'->'files' from airatings.model_training_runs where id = %s",
+        (s["run_id"],),
+    )[0][0]
+    for name in ("full", "train", "val", "test"):
+        pq_t = pq.read_table(d / f"manifest_{name}.parquet")
+        csv_t = pacsv.read_csv(d / f"manifest_{name}.csv")
+        assert csv_t.column_names == pq_t.column_names
+        assert csv_t.num_rows == pq_t.num_rows == files[f"manifest_{name}.csv"]["rows"]
+        assert csv_t.column("snapshot_id").to_pylist() == pq_t.column("snapshot_id").to_pylist()
+        assert csv_t.column("label_value").to_pylist() == pq_t.column("label_value").to_pylist()
+        assert files[f"manifest_{name}.csv"]["sha256"] == artifacts.sha256_file(
+            d / f"manifest_{name}.csv"
+        )
+    table, _, _ = export.read_snapshot(cfg)
+    assert export.dataset_hash(table, export.export_params(cfg, csv=False)) != s["dataset_hash"]
+    assert export.dataset_hash(table, export.export_params(cfg, csv=True)) == s["dataset_hash"]
+
+
 def test_summary_counts_drops_per_gate(exported):
     _, planted, s = exported
     for reason in (
@@ -137,6 +208,7 @@ def test_hash_and_parquet_bytes_are_deterministic(exported, tmp_path):
     t2, _, _ = export.read_snapshot(cfg)
     params = export.export_params(cfg)
     assert export.dataset_hash(t1, params) == export.dataset_hash(t2, params) == s["dataset_hash"]
+    t1, t2 = export._split_tables(t1)["full"], export._split_tables(t2)["full"]
     export._write_parquet(t1, tmp_path / "a.parquet")
     export._write_parquet(t2, tmp_path / "b.parquet")
     assert (tmp_path / "a.parquet").read_bytes() == (tmp_path / "b.parquet").read_bytes()

@@ -1,4 +1,5 @@
--- People's ratings per snapshot: count, mean, sample std and a 0..5 histogram.
+-- People's ratings per snapshot: count, mean, sample std, a 0..5 histogram and the ids of the
+-- rating rows behind them (provenance: which ratings made a label).
 -- The app has been seen to write a rating row twice: one rating per (snapshot, user) is kept,
 -- the latest one.
 
@@ -10,6 +11,7 @@ ratings as (
 
 deduplicated as (
     select distinct on (snapshot_id, user_id)
+        rating_id,
         snapshot_id,
         user_id,
         rating
@@ -31,7 +33,8 @@ aggregated as (
             count(*) filter (where rating = 3),
             count(*) filter (where rating = 4),
             count(*) filter (where rating = 5)
-        ]::integer[] as rating_hist
+        ]::integer[] as rating_hist,
+        array_agg(rating_id order by rating_id)::bigint[] as rating_ids
     from deduplicated
     group by snapshot_id
 )

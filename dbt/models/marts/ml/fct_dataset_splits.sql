@@ -38,5 +38,8 @@ select
     rating_std,
     rating_hist,
     split_group,
-    split_bucket
+    split_bucket,
+    rating_ids,
+    relabel_id,
+    label_formula_version
 from bucketed

@@ -1,62 +1,34 @@
 -- Every snapshot with its label, metadata and one boolean per quality gate. drop_reason is the
--- first gate it fails (null when it passes them all). A reviewed label (label_source =
--- 'manual_review') wins over the app's calculated rating and needs no minimum rating count.
+-- first gate it fails (null when it passes them all). The label and its provenance come from
+-- int_labels_resolved_to_snapshots; a reviewed label needs no minimum rating count.
 
 with
 
-snapshots as (
-    select * from {{ ref('stg_app__webcam_snapshots') }}
+labels as (
+    select * from {{ ref('int_labels_resolved_to_snapshots') }}
 ),
 
 webcams as (
     select * from {{ ref('stg_app__webcams') }}
 ),
 
-ratings as (
-    select * from {{ ref('int_ratings_aggregated_to_snapshots') }}
-),
-
-relabels as (
-    select * from {{ ref('int_manual_relabels_filtered_to_latest') }}
-),
-
 labelled as (
     select
-        snapshots.snapshot_id,
-        snapshots.webcam_id,
-        snapshots.firebase_url,
-        snapshots.phase,
-        snapshots.captured_at,
+        labels.*,
         webcams.region,
         webcams.source,
-        snapshots.calculated_rating,
-        snapshots.app_rating_count,
-        ratings.rating_mean,
-        ratings.rating_std,
-        coalesce(ratings.rating_count, 0) as rating_count,
-        coalesce(ratings.rating_hist, array[0, 0, 0, 0, 0, 0]::integer[]) as rating_hist,
-        case
-            when relabels.snapshot_id is not null then 'manual_review'
-            else 'calculated_rating'
-        end as label_source,
-        case
-            when relabels.snapshot_id is not null then relabels.label_value
-            else coalesce(snapshots.calculated_rating, ratings.rating_mean)
-        end as label_value,
         row_number() over (
-            partition by snapshots.snapshot_id order by snapshots.captured_at
+            partition by labels.snapshot_id order by labels.captured_at
         ) as snapshot_occurrence,
         case
-            when nullif(btrim(snapshots.firebase_url), '') is null then 1
+            when nullif(btrim(labels.firebase_url), '') is null then 1
             else row_number() over (
-                partition by nullif(btrim(snapshots.firebase_url), '')
-                order by snapshots.snapshot_id, snapshots.captured_at
+                partition by nullif(btrim(labels.firebase_url), '')
+                order by labels.snapshot_id, labels.captured_at
             )
         end as url_occurrence
-    from snapshots
-    left join webcams on snapshots.webcam_id = webcams.webcam_id
-    left join ratings on snapshots.snapshot_id = ratings.snapshot_id
-    left join relabels on snapshots.snapshot_id = relabels.snapshot_id
+    from labels
+    left join webcams on labels.webcam_id = webcams.webcam_id
 ),
 
 gated as (
@@ -89,6 +61,9 @@ candidates as (
         app_rating_count,
         label_source,
         label_value,
+        rating_ids,
+        relabel_id,
+        label_formula_version,
         coalesce(label_value >= {{ var('good_threshold') | float }}, false) as is_good,
         url_failure is null as has_valid_url,
         url_failure,

@@ -26,5 +26,8 @@ select
     rating_hist,
     label_source,
     label_value,
-    is_good
+    is_good,
+    rating_ids,
+    relabel_id,
+    label_formula_version
 from passing
