@@ -33,7 +33,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from jobs import db, runs
 from jobs.artifacts import FOREIGN_TEMP_AGE_S, atomic_path, sweep_temp, temp_path_for
@@ -162,31 +162,43 @@ def active_paths(cfg: Config, model_version: str) -> dict[str, Path]:
 # ---- the URL index (migration 0010) -----------------------------------------------------------
 
 
+class IndexRow(NamedTuple):
+    """What the index knows of a cached URL: its content and the size its header declared."""
+
+    sha256: str
+    ext: str
+    bytes: int
+    width: int
+    height: int
+
+
 class ImageIndex:
-    """URL -> (sha256, ext, bytes) in ``image_cache``; one connection, batched upserts."""
+    """URL -> (sha256, ext, bytes, width, height) in ``image_cache``; one connection, batched
+    upserts."""
 
     def __init__(self, cfg: Config, conn: Any) -> None:
         self.cfg = cfg
         self.conn = conn
         self.table = runs.table(cfg, "image_cache")
 
-    def lookup(self, urls: list[str]) -> dict[str, tuple[str, str, int]]:
+    def lookup(self, urls: list[str]) -> dict[str, IndexRow]:
         from psycopg import sql
 
         keys = {url_key(u): u for u in urls}
-        out: dict[str, tuple[str, str, int]] = {}
+        out: dict[str, IndexRow] = {}
         q = sql.SQL(
-            "select url_key, url, sha256, ext, bytes from {} where url_key = any(%s)"
+            "select url_key, url, sha256, ext, bytes, width, height from {} where url_key = any(%s)"
         ).format(self.table)
         key_list = list(keys)
         for start in range(0, len(key_list), 20_000):
-            for k, url, sha, ext, size in self.conn.execute(q, (key_list[start : start + 20_000],)):
+            for k, url, *row in self.conn.execute(q, (key_list[start : start + 20_000],)):
                 if keys.get(k) == url:
-                    out[url] = (sha, ext, size)
+                    out[url] = IndexRow(*row)
         return out
 
     def upsert(self, rows: list[tuple[str, str, str, int, int, int]]) -> None:
-        """rows: (url, sha256, ext, bytes, width, height)."""
+        """rows: (url, sha256, ext, bytes, width, height); width x height as the image's header
+        declares it (what the pixel cap counts), not the draft-decoded size."""
         if not rows:
             return
         from psycopg import sql
@@ -255,14 +267,15 @@ def _write_image_file(final: Path, data: bytes) -> None:
 
 def store_image(tmp: Path, sha: str, p: StoreParams) -> tuple[str, int, int]:
     """Validate the body in ``tmp`` (one decode), write the training copy, move the original to
-    its content address. Returns (ext, width, height) of the stored picture; raises
+    its content address. Returns (ext, width, height) of the stored picture (the header's
+    size, what the pixel cap counts, not the draft-decoded one); raises
     ``ImageRejected``. Runs in a worker thread (Pillow releases the GIL while decoding)."""
-    from jobs.images import EXTENSIONS, encode_jpeg, load_image, resize_short_side, sniff_format
+    from jobs.images import EXTENSIONS, decode_image, encode_jpeg, resize_short_side, sniff_format
 
     try:
         with open(tmp, "rb") as f:
             fmt = sniff_format(f.read(16))
-        img = load_image(
+        img, width, height = decode_image(
             tmp, max_pixels=p.max_pixels, formats=p.formats, draft_short_side=p.short_side
         )
         ext = EXTENSIONS[fmt]  # type: ignore[index]  # load_image refused unknown formats
@@ -276,7 +289,7 @@ def store_image(tmp: Path, sha: str, p: StoreParams) -> tuple[str, int, int]:
         # Same filesystem (tmp lies in images/original/): the rename is atomic; the file at
         # the final name is always complete and already validated.
         os.replace(tmp, orig_final)
-        return ext, img.width, img.height
+        return ext, width, height
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
@@ -296,6 +309,104 @@ def regenerate_train_copy(sha: str, ext: str, p: StoreParams) -> None:
         p.root / train_rel(sha, p.short_side),
         encode_jpeg(resize_short_side(img, p.short_side), p.quality),
     )
+
+
+class HitPolicy:
+    """An index hit re-checked against the *current* config before its file is used
+    (RELIABILITY.md 30): the index says what a URL gave under the config of its day, not that
+    today's config still accepts it. A refused hit fails with the reason a fresh fetch would
+    give (``blocked_url``, ``invalid_url``, ``unsupported_format``, ``decompression_bomb``),
+    without a request.
+
+    - URL policy: ``UrlPolicy.check_url`` (scheme, ``file://`` allowed and under its root,
+      literal private addresses) and, for host names, the system resolver: refused when every
+      address it returns is refused (one lookup per host and port, memoised; skipped when
+      private networks are allowed). A name that does not resolve now keeps its hit: nothing
+      was refused, and the content is already here.
+    - formats: the stored extension among ``cache.formats``;
+    - pixels: the header's width x height against ``cache.max_pixels``. Index rows written
+      before the header size was recorded hold a JPEG's draft-decoded size, up to 8x smaller a
+      side; where that could hide an image over the cap, the original's header is read.
+    """
+
+    def __init__(self, cfg: Config) -> None:
+        from jobs.fetch import UrlPolicy
+        from jobs.images import EXTENSIONS, pixel_cap
+
+        self.policy = UrlPolicy.from_config(cfg)
+        self.exts = frozenset(EXTENSIONS[f] for f in cfg.cache.formats)
+        self.cap = pixel_cap(cfg.cache.max_pixels)
+        self.root = cfg.artifacts_dir
+        self._hosts: dict[tuple[str, int], str | None] = {}
+        self.resolve_failures = 0
+
+    async def refusal(self, url: str, row: IndexRow) -> str | None:
+        """None if the hit may be used, else the failure reason."""
+        from yarl import URL
+
+        from jobs.fetch import FetchFailed
+
+        try:
+            parsed = URL(url)
+            self.policy.check_url(parsed)
+            if parsed.scheme == "file":
+                self.policy.file_path(parsed)
+            elif (verdict := await self._host_refusal(parsed)) is not None:
+                return verdict
+        except FetchFailed as exc:
+            return exc.reason
+        except (ValueError, TypeError):
+            return "invalid_url"
+        if row.ext not in self.exts:
+            return "unsupported_format"
+        if await self._pixels(row) > self.cap:
+            return "decompression_bomb"
+        return None
+
+    async def _host_refusal(self, url: Any) -> str | None:
+        import ipaddress
+
+        host = (url.raw_host or "").strip("[]").lower()
+        if self.policy.allow_private:
+            return None
+        with contextlib.suppress(ValueError):
+            ipaddress.ip_address(host.split("%", 1)[0])
+            return None  # a literal address: check_url has checked it
+        port = url.port or (443 if url.scheme == "https" else 80)
+        key = (host, port)
+        if key not in self._hosts:
+            self._hosts[key] = await self._resolve(host, port)
+        return self._hosts[key]
+
+    async def _resolve(self, host: str, port: int) -> str | None:
+        import socket
+
+        loop = asyncio.get_running_loop()
+        try:
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError):
+            self.resolve_failures += 1
+            return None
+        if infos and not any(self.policy.address_allowed(str(i[4][0]), port) for i in infos):
+            return "blocked_url"
+        return None
+
+    async def _pixels(self, row: IndexRow) -> int:
+        pixels = row.width * row.height
+        if row.ext != "jpg" or pixels * 64 <= self.cap:
+            return pixels
+        from PIL import Image
+
+        def header_size() -> int:
+            with Image.open(self.root / original_rel(row.sha256, row.ext), formats=["JPEG"]) as im:
+                return im.width * im.height
+
+        try:
+            return max(pixels, await asyncio.to_thread(header_size))
+        except Image.DecompressionBombError:
+            return self.cap + 1
+        except (OSError, SyntaxError, ValueError):
+            return pixels  # unreadable or gone: the file checks after this decide
 
 
 class _Progress:
@@ -364,21 +475,27 @@ async def cache_urls(
     incoming = cfg.artifacts_dir / "images" / "original"
     results: dict[str, UrlResult] = {}
     known = index.lookup(urls) if index is not None else {}
+    hit_policy = HitPolicy(cfg)
     to_fetch: list[str] = []
     regen: list[tuple[str, str, str]] = []
+    refused: list[UrlResult] = []
     for url in urls:
         hit = known.get(url)
         if hit is not None:
-            sha, ext, size = hit
-            orig = params.root / original_rel(sha, ext)
+            reason = await hit_policy.refusal(url, hit)
+            if reason is not None:
+                results[url] = UrlResult(url, reason=reason)
+                refused.append(results[url])
+                continue
+            orig = params.root / original_rel(hit.sha256, hit.ext)
             try:
-                ok = orig.stat().st_size == size
+                ok = orig.stat().st_size == hit.bytes
             except FileNotFoundError:
                 ok = False
             if ok:
-                results[url] = UrlResult(url, sha, ext, attempts=0, from_index=True)
-                if not (params.root / train_rel(sha, params.short_side)).exists():
-                    regen.append((url, sha, ext))
+                results[url] = UrlResult(url, hit.sha256, hit.ext, attempts=0, from_index=True)
+                if not (params.root / train_rel(hit.sha256, params.short_side)).exists():
+                    regen.append((url, hit.sha256, hit.ext))
                 continue
         to_fetch.append(url)
 
@@ -410,9 +527,11 @@ async def cache_urls(
                 url=redact_url(res.url),
                 reason=res.reason,
                 attempts=res.attempts,
-                detail=str(getattr(exc, "detail", ""))[:200],
+                detail=str(getattr(exc, "detail", "") or exc)[:200],
             )
 
+    for res in refused:
+        record_failure(res, ValueError("cached, but the current config refuses it"))
     own_fetcher = fetcher is None
     fetcher = fetcher or Fetcher.from_config(cfg)
     sem = asyncio.Semaphore(c.concurrency)
@@ -478,7 +597,8 @@ async def cache_urls(
         fetcher.remove_temp_bodies()
     stats = {
         "urls": len(urls),
-        "from_index": len(urls) - len(to_fetch) - len(refetched),
+        "from_index": len(urls) - len(to_fetch) - len(refetched) - len(refused),
+        "index_refused": len(refused),
         "fetched": len(to_fetch) + len(refetched),
         "train_copies_regenerated": len(regen) - len(refetched),
         "requests": fetcher.stats.requests,

@@ -10,7 +10,7 @@ import io
 import os
 import struct
 import warnings
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -108,6 +108,15 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+class Decoded(NamedTuple):
+    """A normalised picture and the size its header declares (what the pixel cap counts; a
+    draft decode makes ``image`` smaller, EXIF orientation may swap its sides)."""
+
+    image: Image.Image
+    width: int
+    height: int
+
+
 def load_image(
     data: bytes | str | os.PathLike,
     *,
@@ -122,6 +131,24 @@ def load_image(
     whole bitstream is still entropy-decoded, so truncation is caught, at a fraction of the
     cost. Raises ``ImageRejected(reason)``.
     """
+    return decode_image(
+        data, max_pixels=max_pixels, formats=formats, draft_short_side=draft_short_side
+    ).image
+
+
+def pixel_cap(max_pixels: int) -> int:
+    """The pixel limit ``load_image`` applies: ours, and never above Pillow's own."""
+    return min(max_pixels, Image.MAX_IMAGE_PIXELS or max_pixels)
+
+
+def decode_image(
+    data: bytes | str | os.PathLike,
+    *,
+    max_pixels: int,
+    formats: tuple[str, ...] | list[str] = ACCEPTED_FORMATS,
+    draft_short_side: int | None = None,
+) -> Decoded:
+    """``load_image``, also returning the header's width and height."""
     if isinstance(data, bytes | bytearray | memoryview):
         head = bytes(data[:16])
         fp: Any = io.BytesIO(data)
@@ -146,7 +173,7 @@ def load_image(
                 # thread-safe (the cache decodes in a thread pool), so another thread leaving
                 # its block can drop the "error" filter and DecompressionBombWarning would
                 # only warn. This check does not depend on the warning filter.
-                cap = min(max_pixels, Image.MAX_IMAGE_PIXELS or max_pixels)
+                cap = pixel_cap(max_pixels)
                 if w * h > cap:
                     raise ImageRejected("decompression_bomb", f"{w}x{h} is over {cap} pixels")
                 if getattr(img, "n_frames", 1) > 1:
@@ -156,7 +183,7 @@ def load_image(
                 img.load()
                 img = ImageOps.exif_transpose(img) or img
                 out = to_rgb(img)
-                return out.copy() if out is opened else out
+                return Decoded(out.copy() if out is opened else out, w, h)
         except ImageRejected:
             raise
         except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:

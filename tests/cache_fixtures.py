@@ -325,10 +325,14 @@ def manifest_table(rows: list[dict[str, Any]]):
 
 
 def make_exported_run(cfg: Any, urls: list[str | None], *, version: str | None = None) -> runs.Run:
-    """Write manifests (snapshot i -> urls[i], splits round-robin 8/1/1) and the run row."""
+    """Write manifests (snapshot i -> urls[i], splits round-robin 8/1/1), the run row and its
+    label rows, as ``airatings export`` leaves them: ``params_json['export']['files']`` records
+    each manifest's rows and sha256, and every manifest row is a label row of the run."""
     import hashlib
 
     import pyarrow.parquet as pq
+
+    from jobs.artifacts import sha256_file
 
     splits = ["train"] * 8 + ["val", "test"]
     rows = [
@@ -338,28 +342,35 @@ def make_exported_run(cfg: Any, urls: list[str | None], *, version: str | None =
     dataset_hash = hashlib.sha256(json.dumps(rows).encode()).hexdigest()
     ddir = runs.dataset_dir(cfg, dataset_hash)
     ddir.mkdir(parents=True, exist_ok=True)
-    pq.write_table(manifest_table(rows), ddir / "manifest_full.parquet")
-    for s in ("train", "val", "test"):
-        pq.write_table(
-            manifest_table([r for r in rows if r["split"] == s]), ddir / f"manifest_{s}.parquet"
-        )
+    parts = {"full": rows} | {
+        s: [r for r in rows if r["split"] == s] for s in ("train", "val", "test")
+    }
+    files = {}
+    for name, part in parts.items():
+        path = ddir / f"manifest_{name}.parquet"
+        pq.write_table(manifest_table(part), path)
+        files[path.name] = {"rows": len(part), "sha256": sha256_file(path)}
     with db.connect(cfg) as conn:
         n = conn.execute(
             runs.sql.SQL("select count(*) from {}").format(runs.table(cfg, "model_training_runs"))
         ).fetchone()[0]
         version = version or f"test_v2_2026_01_01_{n + 1}"
-        conn.execute(
+        export = {"dataset_dir": str(ddir), "dataset_hash": dataset_hash, "files": files}
+        run_id = conn.execute(
             runs.sql.SQL(
                 "insert into {} (model_version, status, dataset_hash, config_hash, params_json)"
-                " values (%s, 'exported', %s, %s, %s)"
+                " values (%s, 'exported', %s, %s, %s) returning id"
             ).format(runs.table(cfg, "model_training_runs")),
-            (
-                version,
-                dataset_hash,
-                cfg.config_hash,
-                json.dumps({"export": {"dataset_dir": str(ddir), "dataset_hash": dataset_hash}}),
-            ),
-        )
+            (version, dataset_hash, cfg.config_hash, json.dumps({"export": export})),
+        ).fetchone()[0]
+        with conn.cursor() as cur:
+            cur.executemany(
+                runs.sql.SQL(
+                    "insert into {} (training_run_id, snapshot_id, label_source, label_value, split)"
+                    " values (%s, %s, 'calculated_rating', %s, %s)"
+                ).format(runs.table(cfg, "model_training_snapshot_labels")),
+                [(run_id, r["snapshot_id"], float(r["label_value"]), r["split"]) for r in rows],
+            )
         return runs.get_run(conn, cfg, version)
 
 

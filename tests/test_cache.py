@@ -14,6 +14,8 @@ import pytest
 from cache_fixtures import (  # noqa: F401
     Server,
     cache_files,
+    encode,
+    gradient,
     http_server,
     jpeg,
     make_exported_run,
@@ -196,6 +198,101 @@ def test_a_damaged_cached_original_is_fetched_again(ccfg, server: Server) -> Non
     assert server.total_requests == 1 and second["fetch"]["fetched"] == 1
     assert (cfg.artifacts_dir / orig).read_bytes() == good_bytes
     assert (cfg.artifacts_dir / cache.train_rel(sha, 256)).is_file()
+
+
+def active_urls(cfg, run) -> set[str]:
+    return {
+        u
+        for p in cache.active_paths(cfg, run.model_version).values()
+        for u in pq.read_table(p).column("firebase_url").to_pylist()
+    }
+
+
+def test_an_index_hit_is_rechecked_against_the_current_config(
+    ccfg, server: Server, tmp_path: Path
+) -> None:
+    """The image index is no bypass (RELIABILITY.md 30): a URL cached under a permissive config
+    fails, with the reason a fresh fetch would give and without a request, once the config
+    forbids it (file:// off, a lower pixel cap, a format removed, a name resolving to a
+    private address)."""
+    permissive = ccfg(
+        cache__allow_file_urls=True,
+        cache__allow_private_networks=True,
+        cache__failure_rate_limit=1.0,
+    )
+    pics = permissive.data_dir / "pics"
+    pics.mkdir(parents=True)
+    (pics / "local.jpg").write_bytes(jpeg(300, 200, seed=61))
+    urls = {
+        "plain": server.add("plain.jpg", jpeg(320, 200, seed=60)),
+        "file": (pics / "local.jpg").as_uri(),
+        "big": server.add("big.jpg", jpeg(1280, 720, seed=62)),  # 921,600 px, draft-decoded
+        "png": server.add("p.png", encode(gradient(64, 48, 5), "PNG"), "image/png"),
+        "name": f"http://localhost:{server.port}/img/plain.jpg",  # resolves to loopback
+    }
+    first = make_exported_run(permissive, list(urls.values()))
+    out = cache.run(permissive, run=first.model_version, env={})
+    assert out["active_rows"] == len(urls) and out["failed_rows"] == 0
+    with db.connect(permissive) as conn:
+        w, h = conn.execute(
+            "select width, height from airatings.image_cache where url = %s", (urls["big"],)
+        ).fetchone()
+    assert (w, h) == (1280, 720)  # the header's size, not the 640x360 draft decode
+
+    def rerun(version: str, **kw) -> dict[int, str]:
+        cfg = ccfg(cache__failure_rate_limit=1.0, **kw)
+        server.reset()
+        run = make_exported_run(cfg, list(urls.values()), version=version)
+        summary = cache.run(cfg, run=run.model_version, env={})
+        assert server.total_requests == 0 and summary["fetch"]["files_read"] == 0
+        assert summary["fetch"]["requests"] == 0
+        fails = read_failures(cfg, run)
+        assert not set(active_urls(cfg, run)) & {urls[k] for k in fails_by_key(fails)}
+        return fails
+
+    keys = list(urls)
+
+    def fails_by_key(fails: dict[int, str]) -> dict[str, str]:
+        return {keys[sid - 1]: reason for sid, reason in fails.items()}
+
+    # file:// not allowed; the test server's exact address still is (so is the name
+    # resolving to it)
+    strict = rerun("test_v2_recheck_1")
+    assert fails_by_key(strict) == {"file": "blocked_url"}
+    # no private address allowed at all: the literal ones and the name resolving to loopback
+    closed = rerun("test_v2_recheck_0", cache__allowed_private_hosts="[]")
+    assert fails_by_key(closed) == dict.fromkeys(urls, "blocked_url")
+    # private networks allowed again, but a lower pixel cap and PNG removed
+    capped = rerun(
+        "test_v2_recheck_2",
+        cache__allow_private_networks=True,
+        cache__max_pixels=500_000,
+        cache__formats='["JPEG", "WEBP", "GIF"]',
+    )
+    assert fails_by_key(capped) == {
+        "file": "blocked_url",
+        "big": "decompression_bomb",
+        "png": "unsupported_format",
+    }
+
+    # An index row written before header sizes were recorded holds the draft-decoded size
+    # (640x360 here): the pixel cap still sees the real 1280x720.
+    with db.connect(permissive) as conn:
+        conn.execute(
+            "update airatings.image_cache set width = 640, height = 360 where url = %s",
+            (urls["big"],),
+        )
+    legacy = rerun(
+        "test_v2_recheck_3", cache__allow_private_networks=True, cache__max_pixels=500_000
+    )
+    assert fails_by_key(legacy) == {"file": "blocked_url", "big": "decompression_bomb"}
+
+    # The permissive config still uses every cached file: nothing was dropped from the index.
+    server.reset()
+    again = make_exported_run(permissive, list(urls.values()), version="test_v2_recheck_4")
+    out = cache.run(permissive, run=again.model_version, env={})
+    assert out["active_rows"] == len(urls) and out["fetch"]["from_index"] == len(urls)
+    assert server.total_requests == 0
 
 
 def test_failure_rate_over_the_limit_fails_loudly(ccfg, server: Server) -> None:
