@@ -3,10 +3,20 @@
 - **URL policy** (``UrlPolicy``): allowed schemes only; ``file://`` only when the config allows
   it and only below one root directory; loopback, private, link-local, CGNAT, multicast,
   reserved and IPv4-mapped/-embedded IPv6 targets refused unless the config allows them.
-  Literal IPs are checked on the URL; host names are checked on the *resolved* addresses at
-  connect time by ``PolicyResolver`` (so DNS rebinding cannot bypass the check); both on every
-  redirect hop, because redirects are followed by hand (``allow_redirects=False``), at most
-  ``max_redirects``, and never to another scheme than http(s).
+  Three layers, each on every redirect hop (redirects are followed by hand,
+  ``allow_redirects=False``, at most ``max_redirects``, never to another scheme than http(s)):
+
+  1. ``UrlPolicy.check_url`` canonicalises the host (``canonical_host``): every numeric IPv4
+     spelling the C library accepts (decimal ``2130706433``, octal ``0177.0.0.1``, hex
+     ``0x7f.1``, shortened ``127.1``, mixed, trailing dot) is parsed to its address and
+     checked; a host ending in a number that is no valid address (``127.0.0.256``) is refused
+     as ``invalid_url`` instead of being handed to DNS. The URL that is then connected to
+     carries the canonical dotted quad, so no HTTP client or resolver reinterprets it.
+  2. Host names are checked on their *resolved* addresses at connect time by
+     ``PolicyResolver`` (so DNS rebinding cannot bypass the check).
+  3. ``policy_socket_factory`` checks the exact socket address of every new connection
+     before ``connect()``, whether or not aiohttp called the resolver (it skips it for hosts
+     it takes for IP literals): what is checked is what is connected to.
 - **Limits**: one session, a total connection limit and a per-host limit (aiohttp's per-host
   default is unlimited; a request waits for its host's slot before its clock starts), a
   connect timeout and a total per-attempt deadline that also covers the body (``sock_read`` alone lets a server drip one byte a second forever), a size cap
@@ -30,8 +40,8 @@ import contextlib
 import email.utils
 import hashlib
 import ipaddress
-import secrets
 import socket
+import string
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -51,8 +61,6 @@ from tenacity import (
 from tenacity.wait import wait_base
 from yarl import URL
 
-from jobs.artifacts import TEMP_PREFIX
-
 if TYPE_CHECKING:
     from jobs.config import Config
 
@@ -61,6 +69,13 @@ REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 RETRY_AFTER_STATUSES = frozenset({429, 503})
 _CHUNK = 1 << 16
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
+# SIIT's IPv4-translated addresses (RFC 2765) carry the IPv4 address in the low 32 bits.
+_IPV4_TRANSLATED = ipaddress.ip_network("::ffff:0:0:0/96")
+# Refused whatever the Python version's ``is_global`` says (older 3.11 releases call these
+# global): NAT64 local-use (RFC 8215, any embedding) and the deprecated site-local fec0::/10.
+_NEVER_PUBLIC = (ipaddress.ip_network("64:ff9b:1::/48"), ipaddress.ip_network("fec0::/10"))
+_OCTAL_DIGITS = frozenset("01234567")
+_HEX_DIGITS = frozenset(string.hexdigits)
 
 
 # ---- outcomes ------------------------------------------------------------------------------
@@ -112,10 +127,80 @@ def _parse_host_port(text: str) -> tuple[str, int]:
     return str(ipaddress.ip_address(host)), int(port)
 
 
+def _ipv4_number(part: str) -> int | None:
+    """One part of a numeric IPv4 host as ``inet_aton`` reads it: ``0x`` hex, ``0`` octal,
+    else decimal; None if it is not one (``08``, ``0x``, ``0x1g``, ``""``)."""
+    if part.startswith("0x"):
+        digits, base, allowed = part[2:], 16, _HEX_DIGITS
+    elif len(part) > 1 and part.startswith("0"):
+        digits, base, allowed = part[1:], 8, _OCTAL_DIGITS
+    else:
+        digits, base, allowed = part, 10, frozenset(string.digits)
+    if not digits or not set(digits) <= allowed:
+        return None
+    try:
+        return int(digits, base)
+    except ValueError:  # over int()'s 4,300-digit limit for decimal strings
+        return None
+
+
+def _ends_in_a_number(host: str) -> bool:
+    """WHATWG URL's "ends in a number": the last label is decimal digits or ``0x``-hex. Such a
+    host is an IPv4 address or invalid, never a name (no top-level domain is numeric)."""
+    last = host.rsplit(".", 1)[-1]
+    if last.startswith("0x"):
+        return set(last[2:]) <= _HEX_DIGITS
+    return last != "" and set(last) <= set(string.digits)
+
+
+def canonical_host(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | str:
+    """The address a URL host denotes, or the host name (lower-case) if it is a name.
+
+    IPv4 hosts are parsed the way ``inet_aton`` (and so ``getaddrinfo``) reads them: 1 to 4
+    dot-separated parts, each decimal, ``0``-octal or ``0x``-hex, the last one filling the
+    remaining bytes (``127.1`` is 127.0.0.1, ``2130706433`` too); trailing dots are ignored.
+    This is a strict parser of our own because ``socket.inet_aton`` on glibc also accepts
+    trailing garbage after a space (``"127.0.0.1 x"``). IPv6 literals (bracketed or not, an
+    optional ``%zone`` dropped) are parsed by ``ipaddress``. Raises ``ValueError`` for a host
+    that ends in a number but is no valid address (``127.0.0.256``, ``0x1g.0.0.1``, ``1.2.3.4.5``,
+    ``example.123``), so such a host is refused rather than given to DNS.
+    """
+    h = host.lower()
+    if not h or any(c.isspace() for c in h):
+        raise ValueError(f"{host!r}: empty host or whitespace in it")
+    if h.startswith("[") and h.endswith("]"):
+        h = h[1:-1]
+    if ":" in h:
+        return ipaddress.IPv6Address(h.split("%", 1)[0])
+    h = h.rstrip(".")
+    if not h:
+        raise ValueError(f"{host!r}: empty host")
+    if not _ends_in_a_number(h):
+        return host.lower()
+    parts = h.split(".")
+    if len(parts) > 4:
+        raise ValueError(f"{host!r}: more than 4 parts")
+    value = 0
+    for i, part in enumerate(parts):
+        n = _ipv4_number(part)
+        if n is None:
+            raise ValueError(f"{host!r}: {part!r} is not a number")
+        if i < len(parts) - 1:  # a leading part is one byte
+            if n > 255:
+                raise ValueError(f"{host!r}: {part!r} is over 255")
+            value += n << (8 * (3 - i))
+        else:  # the last part fills the bytes that are left
+            if n >= 256 ** (4 - i):
+                raise ValueError(f"{host!r}: {part!r} is out of range")
+            value += n
+    return ipaddress.IPv4Address(value)
+
+
 def embedded_ipv4(
     ip: ipaddress.IPv4Address | ipaddress.IPv6Address,
 ) -> ipaddress.IPv4Address | None:
-    """The IPv4 address carried inside an IPv6 one (mapped, 6to4, NAT64, Teredo), if any."""
+    """The IPv4 address carried inside an IPv6 one (mapped, IPv4-compatible, IPv4-translated,
+    6to4, NAT64, Teredo), if any."""
     if ip.version != 6:
         return None
     if ip.ipv4_mapped is not None:
@@ -124,9 +209,10 @@ def embedded_ipv4(
         return ip.sixtofour
     if ip.teredo is not None:
         return ip.teredo[1]
-    if ip in _NAT64 or int(ip) >> 32 == 0:
-        # NAT64, or the deprecated IPv4-compatible form ``::a.b.c.d`` (``::/96``), which some
-        # stacks still route to the IPv4 address: ``[::127.0.0.1]`` is loopback.
+    if ip in _NAT64 or ip in _IPV4_TRANSLATED or int(ip) >> 32 == 0:
+        # NAT64, SIIT's ``::ffff:0:a.b.c.d``, or the deprecated IPv4-compatible form
+        # ``::a.b.c.d`` (``::/96``), which some stacks still route to the IPv4 address:
+        # ``[::127.0.0.1]`` is loopback.
         return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
     return None
 
@@ -135,6 +221,8 @@ def is_public_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool
     """Globally routable unicast: not loopback, private, link-local, CGNAT, reserved, multicast."""
     inner = embedded_ipv4(ip)
     if inner is not None and not is_public_address(inner):
+        return False
+    if ip.version == 6 and any(ip in net for net in _NEVER_PUBLIC):
         return False
     return ip.is_global and not ip.is_multicast
 
@@ -173,24 +261,36 @@ class UrlPolicy:
         return (str(ip), port) in self.allowed_private
 
     def check_url(self, url: URL, *, hop: bool = False) -> None:
-        """Scheme, host and (for literal IPs) address checks before any connection."""
+        """Scheme, host and (for hosts that are addresses, in any spelling) address checks
+        before any connection. Raises ``FetchFailed`` (``blocked_url`` / ``invalid_url``)."""
+        self.checked_url(url, hop=hop)
+
+    def checked_url(self, url: URL, *, hop: bool = False) -> URL:
+        """``check_url``, returning the URL to connect to: ``url`` itself, or with a numeric
+        IPv4 host in another spelling (``0x7f.1``) rewritten to its dotted quad, so what is
+        connected to is exactly the address that was checked."""
         scheme = (url.scheme or "").lower()
         if scheme not in self.schemes or (hop and scheme not in ("http", "https")):
             raise FetchFailed("blocked_url", f"scheme {scheme or '<none>'!r} is not allowed")
         if scheme == "file":
-            return
+            return url
         host = url.raw_host
         if not host:
             raise FetchFailed("invalid_url", "no host")
         if url.user is not None or url.password is not None:
             raise FetchFailed("blocked_url", "credentials in URL")
         try:
-            ip = ipaddress.ip_address(host.strip("[]").split("%", 1)[0])
+            target = canonical_host(host)
         except ValueError:
-            return  # a name: checked on its resolved addresses at connect time
+            raise FetchFailed("invalid_url", f"host {host!r} is not a valid address") from None
+        if isinstance(target, str):
+            return url  # a name: checked on its resolved addresses at connect time
         port = url.port or (443 if scheme == "https" else 80)
-        if not self.address_allowed(str(ip), port):
-            raise FetchFailed("blocked_url", f"address {ip} is not public")
+        if not self.address_allowed(str(target), port):
+            raise FetchFailed("blocked_url", f"address {target} is not public")
+        if target.version == 4 and host != str(target):
+            return url.with_host(str(target))
+        return url
 
     def file_path(self, url: URL) -> Path:
         """The local file a file:// URL names, if it lies under ``file_root``."""
@@ -229,6 +329,27 @@ class PolicyResolver(AbstractResolver):
 
     async def close(self) -> None:
         await self._inner.close()
+
+
+def policy_socket_factory(policy: UrlPolicy) -> aiohttp.SocketFactoryType:
+    """A ``TCPConnector(socket_factory=...)`` that refuses, before ``connect()``, a socket
+    address the policy does not allow. aiohttp calls it for every new connection with the
+    exact address it will connect to, including for hosts it took for IP literals and never
+    gave to the resolver. Only canonical literals pass: a host the kernel would still have to
+    parse or resolve (``2130706433``, a name) is refused here."""
+
+    def make_socket(addr_info: aiohttp.AddrInfoType) -> socket.socket:
+        family, type_, proto, _, sockaddr = addr_info
+        host, port = str(sockaddr[0]), int(sockaddr[1])
+        try:
+            allowed = policy.address_allowed(host, port)
+        except ValueError:
+            allowed = False
+        if not allowed:
+            raise BlockedAddress(f"connection to {host} refused by the URL policy")
+        return socket.socket(family=family, type=type_, proto=proto)
+
+    return make_socket
 
 
 def redact_url(url: str | None) -> str:
@@ -393,6 +514,7 @@ class Fetcher:
             limit=self.concurrency,
             limit_per_host=self.per_host,
             resolver=PolicyResolver(self.policy),
+            socket_factory=policy_socket_factory(self.policy),
             ttl_dns_cache=10,
         )
         trace = aiohttp.TraceConfig()
@@ -439,10 +561,10 @@ class Fetcher:
             parsed = URL(url)
         except (ValueError, TypeError) as exc:
             raise FetchFailed("invalid_url", str(exc)) from None
-        self.policy.check_url(parsed)
-        if parsed.scheme == "file":
+        target = self.policy.checked_url(parsed)  # the URL to connect to (canonical host)
+        if target.scheme == "file":
             self.stats.files_read += 1
-            return await asyncio.to_thread(self._read_file, url, parsed, dest_dir, head_check)
+            return await asyncio.to_thread(self._read_file, url, target, dest_dir, head_check)
 
         attempts = 0
         retrying = AsyncRetrying(
@@ -458,9 +580,10 @@ class Fetcher:
                     attempts = attempt.retry_state.attempt_number
                     if attempts > 1:
                         self.stats.retries += 1
-                    async with self._host_slot(parsed):  # not held while backing off
-                        result = await self._attempt(parsed, dest_dir, head_check)
+                    async with self._host_slot(target):  # not held while backing off
+                        result = await self._attempt(target, dest_dir, head_check)
                     result.attempts = attempts
+                    result.url = str(parsed)  # the URL as asked for, whatever was connected to
                     return result
         except FetchFailed as exc:
             exc.attempts = attempts
@@ -489,8 +612,7 @@ class Fetcher:
                                 nxt = current.join(URL(location))
                             except (ValueError, TypeError) as exc:
                                 raise FetchFailed("invalid_url", f"bad redirect: {exc}") from None
-                            self.policy.check_url(nxt, hop=True)
-                            current = nxt
+                            current = self.policy.checked_url(nxt, hop=True)
                             continue
                         if status in RETRY_AFTER_STATUSES:
                             after = parse_retry_after(resp.headers.get("Retry-After"), self.now())

@@ -10,14 +10,30 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import ipaddress
+import socket
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import quote
 
+import aiohttp
 import pytest
-from cache_fixtures import Server, http_server, jpeg, server  # noqa: F401
+from cache_fixtures import Server, http_server, jpeg, server, start_server  # noqa: F401
+from hypothesis import given
+from hypothesis import strategies as st
 from yarl import URL
 
-from jobs.fetch import Fetcher, FetchFailed, UrlPolicy, parse_retry_after, redact_url
+from jobs.fetch import (
+    BlockedAddress,
+    Fetcher,
+    FetchFailed,
+    UrlPolicy,
+    canonical_host,
+    parse_retry_after,
+    policy_socket_factory,
+    redact_url,
+)
 from jobs.images import sniff_format
 
 NOW = 1_800_000_000.0
@@ -348,3 +364,299 @@ def test_redact_url_drops_tokens() -> None:
     assert redact_url("https://h.example/a.jpg") == "https://h.example/a.jpg"
     assert "secret" not in redact_url("https://h/x?alt=media&token=secret")
     assert URL(redact_url("http://h/x.jpg")).host == "h"
+
+
+# ---- every spelling of an address (RELIABILITY.md 26) -----------------------------------------
+
+
+def refusal(url: str, pol: UrlPolicy | None = None) -> str | None:
+    """The reason ``fetch`` would refuse ``url`` before connecting, or None if it would go on."""
+    try:
+        parsed = URL(url)
+    except ValueError:
+        return "invalid_url"
+    try:
+        (pol or UrlPolicy()).check_url(parsed)
+    except FetchFailed as exc:
+        return exc.reason
+    return None
+
+
+LOOPBACK_SPELLINGS = [
+    "2130706433",  # decimal
+    "0177.0.0.1",  # octal
+    "00000000177.0.0.01",  # octal, many leading zeros
+    "0x7f.0.0.1",  # hex part
+    "0X7F.0.0.1",  # upper-case hex
+    "0x7f000001",  # hex whole
+    "0x00000000007f.1",  # hex, leading zeros, shortened
+    "127.1",  # shortened (2 parts)
+    "127.0.1",  # shortened (3 parts)
+    "0x7f.1",  # hex, shortened
+    "0177.0x0.1",  # mixed octal, hex, decimal
+    "127.0.0.1.",  # trailing dot
+    "127.0.0.1..",  # trailing dots (aiohttp keeps one)
+    "0x7f.1.",  # hex, shortened, trailing dot
+]
+
+
+@pytest.mark.parametrize(
+    "url",
+    [f"http://{h}/" for h in LOOPBACK_SPELLINGS]
+    + [
+        "http://10.1/",  # 10.0.0.1
+        "http://0/",  # 0.0.0.0
+        "http://0x0/",
+        "http://2852039166/",  # 169.254.169.254
+        "http://0xa9fea9fe/",
+        "http://0251.0376.0251.0376/",
+        "http://169.16689662/",  # 169.254.169.254, shortened
+        "http://3232235777/",  # 192.168.1.1
+        "http://100.64.1/",  # CGNAT 100.64.0.1
+        "http://0x7f.1:8080/x.jpg",
+        "https://2130706433/x.jpg",
+        "http://[::ffff:127.0.0.1]/",  # IPv4-mapped
+        "http://[::ffff:7f00:1]/",
+        "http://[::FFFF:169.254.169.254]/",
+        "http://[::127.0.0.1]/",  # IPv4-compatible
+        "http://[::7f00:1]/",
+        "http://[::ffff:0:7f00:1]/",  # IPv4-translated (SIIT)
+        "http://[2002:7f00:1::]/",  # 6to4 of 127.0.0.1
+        "http://[2002:a9fe:a9fe::1]/",  # 6to4 of 169.254.169.254
+        "http://[64:ff9b::127.0.0.1]/",  # NAT64 well-known prefix
+        "http://[64:ff9b:1::7f00:1]/",  # NAT64 local-use prefix
+        "http://[2001:0:4136:e378:8000:63bf:80ff:fffe]/",  # Teredo, client 127.0.0.1
+        "http://[fec0::1]/",  # deprecated site-local
+    ],
+)
+def test_every_spelling_of_a_refused_address_is_blocked(url: str) -> None:
+    assert refusal(url) == "blocked_url"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.256/",  # out of range
+        "http://0x1g.0.0.1/",  # not hex
+        "http://08.0.0.1/",  # not octal
+        "http://1.2.3.4.5/",  # too many parts
+        "http://4294967296/",  # over 32 bits
+        "http://1.16777216/",  # last part over its 3 bytes
+        "http://127..1/",
+        "http://0x/",
+        "http://example.123/",  # ends in a number: an address or nothing, never a name
+        "http://%31%32%37.0.0.1/",  # percent-encoded digits
+        f"http://{'9' * 5000}/",  # over int()'s digit limit: refused, not a crash
+    ],
+)
+def test_a_host_ending_in_a_number_that_is_no_address_is_invalid(url: str) -> None:
+    assert refusal(url) == "invalid_url"
+
+
+@pytest.mark.parametrize(
+    "url,connect_to",
+    [
+        ("http://8.8.8.8/x.jpg", "8.8.8.8"),
+        ("http://134744072/x.jpg", "8.8.8.8"),  # decimal
+        ("http://0x08080808/x.jpg", "8.8.8.8"),  # hex
+        ("http://010.010.010.010/x.jpg", "8.8.8.8"),  # octal
+        ("http://0x8.0x8.0x8.0x8/x.jpg", "8.8.8.8"),
+        ("http://8.8.2056/x.jpg", "8.8.8.8"),  # shortened
+        ("http://8.526344/x.jpg", "8.8.8.8"),
+        ("http://8.8.8.8./x.jpg", "8.8.8.8"),  # trailing dot
+        ("http://0x8.8.010.8:8080/x.jpg", "8.8.8.8"),  # mixed, with a port
+        ("http://[2001:4860:4860::8888]/x.jpg", "2001:4860:4860::8888"),
+        ("http://[::ffff:8.8.8.8]/x.jpg", "::ffff:808:808"),  # mapped, but public
+        ("http://[2002:808:808::1]/x.jpg", "2002:808:808::1"),  # 6to4 of a public address
+        ("http://example.com/x.jpg", "example.com"),  # names go to the resolver as they are
+        ("http://example.com./x.jpg", "example.com."),
+        ("http://1.example/x.jpg", "1.example"),
+        ("http://0x7f.example/x.jpg", "0x7f.example"),
+    ],
+)
+def test_public_addresses_in_any_spelling_and_names_are_allowed(url: str, connect_to: str) -> None:
+    pol = UrlPolicy()
+    assert refusal(url, pol) is None
+    target = pol.checked_url(URL(url))
+    # a numeric host is connected to as its dotted quad: nobody downstream re-parses it
+    assert target.host == connect_to
+    assert (target.port, target.path) == (URL(url).port, URL(url).path)
+
+
+# Numeric hosts as the C library reads them (inet_aton: glibc here). Our parser must agree
+# exactly: an address that ``connect()``/``getaddrinfo`` would reach, we must have checked.
+NUMERIC_FORMS = [
+    *LOOPBACK_SPELLINGS[:-3],  # without the trailing-dot forms inet_aton does not take
+    *[
+        "1.2.3.4",
+        "0",
+        "00",
+        "0x0",
+        "0xffffffff",
+        "4294967295",
+        "4294967296",
+        "1.16777215",
+        "1.16777216",
+        "1.2.65535",
+    ],
+    *[
+        "1.2.65536",
+        "256.1",
+        "0x100.1",
+        "255.255.255.255",
+        "255.255.255.256",
+        "08",
+        "0x",
+        "0x.1",
+        "1.0x",
+        "0x1g",
+        "09.1",
+    ],
+    *[
+        "1..2",
+        ".1",
+        "1.2.3.4.5",
+        "0000000000000000000000000000001",
+        "0x000000000000000000000000000ff",
+    ],
+]
+
+
+@pytest.mark.parametrize("host", NUMERIC_FORMS)
+def test_canonical_host_reads_numbers_as_inet_aton_does(host: str) -> None:
+    try:
+        system = ipaddress.IPv4Address(socket.inet_aton(host))
+    except OSError:
+        system = None
+    try:
+        ours = canonical_host(host)
+    except ValueError:
+        ours = None
+    if system is None and isinstance(ours, str):
+        ours = None  # a name ("0x1g"): the resolver's to check, not an address
+    assert ours == system
+
+
+@given(
+    st.lists(st.integers(0, 2**32 - 1), min_size=1, max_size=4),
+    st.lists(st.sampled_from(["{:d}", "0{:o}", "0x{:x}", "0X{:X}", "00{:o}"]), min_size=4),
+)
+def test_canonical_host_agrees_with_inet_aton_on_generated_spellings(
+    numbers: list[int], formats: list[str]
+) -> None:
+    host = ".".join(f.format(n) for f, n in zip(formats, numbers, strict=False))
+    try:
+        system = ipaddress.IPv4Address(socket.inet_aton(host))
+    except OSError:
+        system = None
+    try:
+        ours = canonical_host(host)
+    except ValueError:
+        ours = None
+    assert ours == system, host
+
+
+@given(st.text(alphabet="0123456789abcdefxX.", min_size=1, max_size=24))
+def test_what_inet_aton_takes_for_an_address_is_never_a_name_to_us(host: str) -> None:
+    try:
+        system = ipaddress.IPv4Address(socket.inet_aton(host.rstrip(".") or "."))
+    except OSError:
+        return
+    assert canonical_host(host) == system, host
+
+
+@pytest.fixture(scope="module")
+def other_server() -> Iterator[Server]:
+    """A second loopback server, never allowed unless a test says so."""
+    srv, stop = start_server()
+    try:
+        yield srv
+    finally:
+        stop()
+
+
+@pytest.mark.parametrize("host", ["2130706433", "127.1", "0x7f.1", "0177.0.0.1", "127.0.0.1."])
+def test_numeric_loopback_spellings_never_reach_the_server(
+    server: Server, tmp_path: Path, host: str
+) -> None:
+    server.add("numeric.jpg", jpeg(30, 30))
+    url = f"http://{host}:{server.port}/img/numeric.jpg"
+    out, _, f = fetch(server, url, tmp_path, pol=policy(server, allowed_private=frozenset()))
+    assert failed(out, "blocked_url", attempts=1) and nothing_left(tmp_path)
+    assert server.hits["/img/numeric.jpg"] == 0 and f.stats.connect_attempts == 0
+    # The same server, allowed explicitly (127.0.0.1:port), is reached through the same URL:
+    # the refusal above was the policy's, not a server that could not be reached.
+    ok, _, f = fetch(server, url, tmp_path)
+    assert not isinstance(ok, FetchFailed), ok
+    assert server.hits["/img/numeric.jpg"] == 1 and f.stats.connections == 1
+    assert ok.url == str(URL(url)) and URL(ok.final_url).host == "127.0.0.1"
+
+
+@pytest.mark.parametrize("spelling", ["0x7f.1", "2130706433", "0177.0.0.01", "127.1."])
+def test_redirect_to_a_numeric_loopback_spelling_is_refused(
+    server: Server, other_server: Server, tmp_path: Path, spelling: str
+) -> None:
+    other_server.reset()
+    other_server.add("t.jpg", jpeg(30, 30))
+    target = f"http://{spelling}:{other_server.port}/img/t.jpg"
+    start = server.url(f"/redirect?to={quote(target, safe='')}")
+    out, _, f = fetch(server, start, tmp_path)  # only the redirecting server is allowed
+    assert failed(out, "blocked_url", attempts=1) and nothing_left(tmp_path)
+    assert other_server.total_requests == 0
+    assert f.stats.requests == 1 and f.stats.connections == 1  # the redirect, nothing else
+    # Allowed explicitly, the target is reached by the same redirect.
+    both = policy(
+        server,
+        allowed_private=frozenset({("127.0.0.1", server.port), ("127.0.0.1", other_server.port)}),
+    )
+    ok, _, _ = fetch(server, start, tmp_path, pol=both)
+    assert not isinstance(ok, FetchFailed), ok
+    assert other_server.hits["/img/t.jpg"] == 1 and ok.final_url == other_server.url("/img/t.jpg")
+
+
+def test_every_new_connection_is_checked_at_the_socket(server: Server, tmp_path: Path) -> None:
+    """The last layer, below the URL check and the resolver: a request that skips both (made on
+    the session directly, to an IP literal, for which aiohttp never calls the resolver) is
+    refused before connect()."""
+    server.add("s.jpg", jpeg(20, 20))
+
+    async def go(pol: UrlPolicy):
+        async with Fetcher(pol) as f:
+            assert f._session is not None
+            try:
+                async with f._session.get(server.url("/img/s.jpg")) as resp:
+                    return resp.status, f
+            except aiohttp.ClientConnectorError as exc:
+                return exc, f
+
+    out, f = asyncio.run(go(UrlPolicy()))
+    assert isinstance(out, aiohttp.ClientConnectorError) and isinstance(
+        out.os_error, BlockedAddress
+    )
+    assert server.hits["/img/s.jpg"] == 0 and f.stats.connections == 0
+    status, _ = asyncio.run(go(policy(server)))  # allowed: the same request gets through
+    assert status == 200 and server.hits["/img/s.jpg"] == 1
+
+
+@pytest.mark.parametrize(
+    "sockaddr,allowed",
+    [
+        (("127.0.0.1", 8080), False),
+        (("2130706433", 8080), False),  # not canonical: the kernel would have to parse it
+        (("localhost", 8080), False),  # a name would be resolved again by connect()
+        (("::ffff:127.0.0.1", 8080, 0, 0), False),
+        (("8.8.8.8", 443), True),
+        (("2001:4860:4860::8888", 443, 0, 0), True),
+    ],
+)
+def test_socket_factory_allows_only_canonical_allowed_addresses(
+    sockaddr: tuple, allowed: bool
+) -> None:
+    family = socket.AF_INET6 if len(sockaddr) == 4 else socket.AF_INET
+    make = policy_socket_factory(UrlPolicy())
+    info = (family, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", sockaddr)
+    if allowed:
+        make(info).close()  # a socket, not yet connected: nothing is sent anywhere
+    else:
+        with pytest.raises(BlockedAddress):
+            make(info)
