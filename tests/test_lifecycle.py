@@ -4,11 +4,13 @@ faults must come out of the cache with the right reasons, and re-running changes
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pyarrow.parquet as pq
 from conftest import DEMO
 from train_fixtures import FAST
 
-from jobs import db, dbt_runner
+from jobs import db, dbt_runner, provenance
 from jobs.demo import lifecycle
 
 # What each planted fault must look like in failures.parquet.
@@ -81,6 +83,41 @@ def test_demo_lifecycle_on_a_small_world(make_cfg):
     assert labels == len(exported)
     assert status == "evaluated"
 
+    # ... and say which of them training used: the used rows are the active manifests, the
+    # excluded ones the failures with the cache's reasons (`airatings provenance VERSION`).
+    prov = provenance.run(cfg, version)
+    assert prov["labels"]["offered"] == len(exported)
+    assert prov["labels"]["used"] == active
+    assert prov["labels"]["not_cached_yet"] == 0
+    assert prov["labels"]["excluded_by_reason"] == dict(Counter(f["reason"] for f in failures))
+    assert prov["ratings"]["behind_used_labels"] > active  # most labels have several ratings
+    assert prov["ratings"]["people"] > 10
+    assert prov["changed_since"] == {
+        "status": "ok",
+        "snapshots_gone": 0,
+        "label_value_changed": 0,
+        "label_source_changed": 0,
+        "ratings_changed": 0,
+        "formula_version_changed": 0,
+    }
+    used_ids = set()
+    with db.connect(cfg) as conn:
+        used_ids = {
+            r[0]
+            for r in conn.execute(
+                "select snapshot_id from airatings.model_training_labels_used"
+                " where model_version = %s",
+                (version,),
+            )
+        }
+    active_ids = {
+        sid
+        for s in ("train", "val", "test")
+        for sid in pq.read_table(run_dir / "active" / f"manifest_{s}.parquet")
+        .column("snapshot_id")
+        .to_pylist()
+    }
+    assert used_ids == active_ids
     # `airatings dbt test` passes on the demo world (the demo builds the whole project).
     assert steps["dbt"]["results"].get("error", 0) == 0
     tested = dbt_runner.cli(cfg, ["test"])
@@ -93,3 +130,33 @@ def test_demo_lifecycle_on_a_small_world(make_cfg):
     assert again["steps"]["export"]["status"] == "already_exported"
     assert again["steps"]["cache"]["status"] in {"already_done", "cached"}
     assert again["steps"]["train"]["status"] == "already_done"
+
+    # The app moves on: a new rating on one used snapshot, a changed calculated rating on
+    # another. Provenance sees both (dbt's label view is live), and one snapshot's detail
+    # names the ratings behind its label.
+    a, b = sorted(active_ids)[:2]
+    with db.connect(cfg) as conn:
+        conn.execute(
+            "insert into public.webcam_snapshot_ratings (snapshot_id, user_id, rating, created_at)"
+            " values (%s, 'new-rater', 5, now())",
+            (a,),
+        )
+        conn.execute(
+            "update public.webcam_snapshots set calculated_rating = 5 - calculated_rating"
+            " where id = %s and calculated_rating <> 2.5",
+            (b,),
+        )
+    prov = provenance.run(cfg, version)
+    assert prov["changed_since"]["ratings_changed"] == 1
+    assert prov["changed_since"]["label_value_changed"] == 1
+    detail = provenance.run(cfg, version, snapshot=a)["snapshot"]
+    assert detail["used_in_training"] is True and detail["exclusion_reason"] is None
+    assert [r["rating_id"] for r in detail["ratings"]] == detail["rating_ids"]
+    assert all("user_id" in r for r in detail["ratings"])
+    assert detail["now"]["changed"] is True
+    assert len(detail["now"]["rating_ids"]) == len(detail["rating_ids"]) + 1
+    excluded = failures[0]["snapshot_id"]
+    assert (
+        provenance.run(cfg, version, snapshot=excluded)["snapshot"]["exclusion_reason"]
+        == (failures[0]["reason"])
+    )
