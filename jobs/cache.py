@@ -36,7 +36,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from jobs import db, runs
-from jobs.artifacts import FOREIGN_TEMP_AGE_S, atomic_path, sweep_temp, temp_path_for
+from jobs.artifacts import (
+    FOREIGN_TEMP_AGE_S,
+    atomic_path,
+    sha256_file,
+    sweep_temp,
+    temp_path_for,
+)
 from jobs.errors import InputError
 from jobs.logs import bind, get_logger
 
@@ -136,15 +142,35 @@ def conform_manifest(table: pa.Table, path: Path) -> pa.Table:
 
 
 def read_manifests(cfg: Config, run: runs.Run) -> dict[str, pa.Table]:
+    """The run's export manifests, each verified against the sha256 the export recorded in the
+    run's ``params_json['export']['files']`` (the database record is the authority, not the
+    dataset.json beside the files: RELIABILITY.md 31)."""
     import pyarrow.parquet as pq
 
     directory = _dataset_dir(cfg, run)
+    recorded = (run.params.get("export") or {}).get("files") or {}
+    fix = (
+        "re-run 'airatings export' (it rewrites a dataset's manifests from the database when "
+        "their sha256 does not match), then this command"
+    )
     out = {}
     for split in SPLITS:
         path = directory / f"manifest_{split}.parquet"
         if not path.is_file():
             raise InputError(
                 f"{path} is missing; the export of run {run.model_version} is incomplete"
+            )
+        expected = (recorded.get(path.name) or {}).get("sha256")
+        if not expected:
+            raise InputError(
+                f"{path}: run {run.model_version} records no sha256 for it "
+                "(params_json['export']['files']); refusing to read an unverified manifest"
+            )
+        actual = sha256_file(path)
+        if actual != expected:
+            raise InputError(
+                f"{path} changed after the export wrote it (sha256 {actual[:16]}..., the run "
+                f"records {expected[:16]}...); refusing to cache from it. {fix}"
             )
         try:
             table = pq.read_table(path)
@@ -764,8 +790,11 @@ def merge_shards(
             f"{cfg.cache.failure_rate_limit:.0%}); dominant reasons: {top}. See {failures_path}. "
             "Fix the source (or raise the limit) and re-run; already cached images are not fetched again."
         )
+    active_files = {}
     for split, path in active_paths(cfg, run.model_version).items():
         _write_parquet(actives[split], path)
+        # what training verifies each file against (and a re-run of this step, to trust it)
+        active_files[path.name] = {"rows": actives[split].num_rows, "sha256": sha256_file(path)}
 
     summary = {
         "rows": total,
@@ -779,6 +808,7 @@ def merge_shards(
         "failures_path": str(failures_path),
         "images_dir": str(images_dir(cfg)),
         "train_short_side": short,
+        "active_files": active_files,
         **(extra or {}),
     }
     with db.connect(cfg) as conn:

@@ -295,6 +295,49 @@ def test_an_index_hit_is_rechecked_against_the_current_config(
     assert server.total_requests == 0
 
 
+def rewrite_one_label(path: Path) -> None:
+    """Tamper with a manifest the quiet way: still a valid Parquet file, one label changed."""
+    import pyarrow as pa
+
+    t = pq.read_table(path)
+    labels = t.column("label_value").to_pylist()
+    labels[0] = 5.0 if labels[0] != 5.0 else 0.0
+    i = t.column_names.index("label_value")
+    pq.write_table(t.set_column(i, "label_value", pa.array(labels, pa.float64())), path)
+
+
+def test_a_changed_export_manifest_is_refused_exit_2(ccfg, server: Server) -> None:
+    """The cache verifies each export manifest against the sha256 the run's record holds
+    (RELIABILITY.md 31): a valid Parquet with one label changed is refused, naming the file."""
+    from conftest import AIRATINGS, air_env
+
+    cfg = ccfg()
+    run = make_exported_run(cfg, good_urls(server, 4, prefix="m"))
+    manifest = cache._dataset_dir(cfg, run) / "manifest_train.parquet"
+    rewrite_one_label(manifest)
+    with pytest.raises(InputError, match="manifest_train.parquet changed after the export"):
+        cache.run(cfg, run=run.model_version, env={})
+    env = {
+        **os.environ,
+        **air_env(
+            cfg.database.url,
+            cfg.paths.artifacts_dir.parent,
+            cache__allowed_private_hosts=f'["127.0.0.1:{server.port}"]',
+        ),
+    }
+    proc = subprocess.run(
+        [AIRATINGS, "cache", "--run", run.model_version],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and str(manifest) in proc.stderr, proc.stderr
+    assert server.total_requests == 0 and cache_files(cfg) == []
+    with db.connect(cfg) as conn:
+        assert runs.get_run(conn, cfg, run.id).status == "exported"
+
+
 def test_failure_rate_over_the_limit_fails_loudly(ccfg, server: Server) -> None:
     cfg = ccfg(cache__failure_rate_limit=0.2)
     urls = (

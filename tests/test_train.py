@@ -11,12 +11,19 @@ import numpy as np
 import pytest
 import torch
 from psycopg import sql
-from train_fixtures import FAST, insert_run, make_world, run_status, write_manifests
+from train_fixtures import (
+    FAST,
+    insert_run,
+    make_world,
+    recache,
+    run_status,
+    write_manifests,
+)
 
 import jobs.train
 from jobs import db
 from jobs.errors import InputError
-from jobs.runs import table
+from jobs.runs import get_run, table
 from jobs.train import data as D
 from jobs.train import engine
 from jobs.train import model as M
@@ -131,10 +138,38 @@ def test_resume_refuses_other_training_rows_of_the_same_dataset(fast_cfg):
     last = cfg.artifacts_dir / "runs" / world["model_version"] / "last.pt"
     assert M.load_weights_only(last)["data_hash"]
     before = last.read_bytes()
-    write_manifests(cfg, world["model_version"], world["rows"][5:])
+    recache(cfg, world["run_id"], world["model_version"], world["rows"][5:])
     with pytest.raises(InputError, match="other training rows"):
         jobs.train.run(cfg)
     assert last.read_bytes() == before
+
+
+def test_a_changed_active_manifest_is_refused_exit_2(fast_cfg):
+    """Training verifies the active manifests against the sha256 the cache step recorded
+    (RELIABILITY.md 31): a valid Parquet with one label changed is refused, naming the file,
+    before anything is written; so is a manifest the cache record does not know."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cfg = fast_cfg
+    world = make_world(cfg, n=40)
+    path = cfg.artifacts_dir / "runs" / world["model_version"] / "active" / "manifest_val.parquet"
+    t = pq.read_table(path)
+    labels = t.column("label_value").to_pylist()
+    labels[0] = 5.0 - labels[0]
+    i = t.column_names.index("label_value")
+    pq.write_table(t.set_column(i, "label_value", pa.array(labels, pa.float64())), path)
+    with pytest.raises(InputError, match="manifest_val.parquet changed after the cache") as err:
+        jobs.train.run(cfg)
+    assert err.value.exit_code == 2 and str(path) in str(err.value)
+    assert "airatings cache --run" in str(err.value)
+    assert run_status(cfg, world["run_id"])[0] == "cached"  # fixable: not marked failed
+    assert not (path.parent.parent / "last.pt").exists()
+
+    unrecorded = insert_run(cfg, "test_v2_unrecorded", world["dataset_hash"])  # no manifests
+    write_manifests(cfg, "test_v2_unrecorded", world["rows"])  # written after the record
+    with pytest.raises(InputError, match="holds no sha256"):
+        jobs.train.run(cfg, run=unrecorded)
 
 
 class _Evil:
@@ -288,7 +323,9 @@ def test_missing_imagenet_weights_stop_unless_random_init_allowed(make_cfg, tmp_
     path = tmp_path / "w.pth"
     torch.save(ref.state_dict(), path)
     cfg2 = make_cfg(**{**FAST, "train__weights": "imagenet", "train__weights_path": str(path)})
-    train = D.load_split(cfg2, world["model_version"], "train")
+    with db.connect(cfg) as conn:
+        the_run = get_run(conn, cfg, world["run_id"])
+    train = D.load_split(cfg2, the_run, "train")
     spec = {"backbone": "mobilenet_v3_small", "target": "regression", "input_size": 64}
     model, used = engine.build_model(cfg2, spec, train, resuming=False)
     assert used == f"imagenet:{path}"

@@ -106,7 +106,20 @@ def write_manifests(cfg: Config, model_version: str, rows: list[dict[str, Any]])
     return active
 
 
+def active_files(cfg: Config, model_version: str) -> dict[str, dict[str, Any]]:
+    """What the cache step records of the active manifests it wrote: rows and sha256."""
+    from jobs.artifacts import sha256_file
+
+    active = cfg.artifacts_dir / "runs" / model_version / "active"
+    return {
+        p.name: {"rows": pq.read_metadata(p).num_rows, "sha256": sha256_file(p)}
+        for p in sorted(active.glob("manifest_*.parquet"))
+    }
+
+
 def insert_run(cfg: Config, model_version: str, dataset_hash: str, status: str = "cached") -> int:
+    """The run row as the cache step leaves it, recording the active manifests on disk."""
+    cache = {"ok": True, "active_files": active_files(cfg, model_version)}
     with db.connect(cfg) as conn:
         row = conn.execute(
             db_sql_insert(cfg),
@@ -115,10 +128,25 @@ def insert_run(cfg: Config, model_version: str, dataset_hash: str, status: str =
                 status,
                 dataset_hash,
                 cfg.config_hash,
-                json.dumps({"export": {"dataset_hash": dataset_hash}, "cache": {"ok": True}}),
+                json.dumps({"export": {"dataset_hash": dataset_hash}, "cache": cache}),
             ),
         ).fetchone()
     return int(row[0])
+
+
+def recache(cfg: Config, run_id: int, model_version: str, rows: list[dict[str, Any]]) -> None:
+    """What a re-run of the cache step does to a run: new active manifests, recorded."""
+    from psycopg import sql
+
+    write_manifests(cfg, model_version, rows)
+    with db.connect(cfg) as conn:
+        conn.execute(
+            sql.SQL(
+                "update {} set params_json = jsonb_set(params_json, %s::text[], %s::jsonb)"
+                " where id = %s"
+            ).format(table(cfg, "model_training_runs")),
+            (["cache", "active_files"], json.dumps(active_files(cfg, model_version)), run_id),
+        )
 
 
 def db_sql_insert(cfg: Config):

@@ -1,7 +1,9 @@
 """Training data: the run's active manifests and the cached training-size JPEGs.
 
 Reads ``<artifacts>/runs/<model_version>/active/manifest_{train,val,test}.parquet`` (written by
-``airatings cache``) and the ``train_image_path`` copies (shorter side ``cache.train_short_side``).
+``airatings cache``, each verified against the sha256 the cache step recorded in the run's
+``params_json['cache']['active_files']``) and the ``train_image_path`` copies (shorter side
+``cache.train_short_side``).
 
 Targets per ``train.target``:
 
@@ -47,6 +49,7 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
     from jobs.config import Config
+    from jobs.runs import Run
 
 SPLITS = ("train", "val", "test")
 REQUIRED_COLUMNS = (
@@ -68,12 +71,45 @@ def active_dir(cfg: Config, model_version: str) -> Path:
     return cfg.artifacts_dir / "runs" / model_version / "active"
 
 
-def read_manifest(cfg: Config, model_version: str, split: str) -> pa.Table:
+def _recache_hint(run: Run) -> str:
+    return (
+        f"re-run 'airatings cache --run {run.model_version}' (or 'airatings cache --merge --run "
+        f"{run.model_version}' for a sharded cache): it rewrites the active manifests from the "
+        "image cache without downloading"
+    )
+
+
+def verify_active_manifest(cfg: Config, run: Run, split: str) -> Path:
+    """The run's active manifest for ``split``, checked against the sha256 the cache step
+    recorded in ``params_json['cache']['active_files']`` when it wrote it (RELIABILITY.md 31).
+    Missing, unrecorded or changed: InputError (exit 2) naming the file and the fix."""
+    from jobs.artifacts import sha256_file
+
+    path = active_dir(cfg, run.model_version) / f"manifest_{split}.parquet"
+    if not path.is_file():
+        raise InputError(
+            f"{path} is missing: run 'airatings cache --run {run.model_version}' first"
+        )
+    recorded = ((run.params.get("cache") or {}).get("active_files") or {}).get(path.name) or {}
+    expected = recorded.get("sha256")
+    if not expected:
+        raise InputError(
+            f"{path}: run {run.model_version}'s cache record holds no sha256 for it (cached "
+            f"before manifests were checksummed, or not by 'airatings cache'); {_recache_hint(run)}"
+        )
+    actual = sha256_file(path)
+    if actual != expected:
+        raise InputError(
+            f"{path} changed after the cache step wrote it (sha256 {actual[:16]}..., recorded "
+            f"{expected[:16]}...); refusing to train on it. {_recache_hint(run)}"
+        )
+    return path
+
+
+def read_manifest(cfg: Config, run: Run, split: str) -> pa.Table:
     import pyarrow.parquet as pq
 
-    path = active_dir(cfg, model_version) / f"manifest_{split}.parquet"
-    if not path.is_file():
-        raise InputError(f"{path} is missing: run 'airatings cache --run {model_version}' first")
+    path = verify_active_manifest(cfg, run, split)
     table = pq.read_table(path)
     missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
     if missing:
@@ -98,8 +134,8 @@ class Split:
         return len(self.label)
 
 
-def load_split(cfg: Config, model_version: str, split: str) -> Split:
-    table = read_manifest(cfg, model_version, split)
+def load_split(cfg: Config, run: Run, split: str) -> Split:
+    table = read_manifest(cfg, run, split)
     n = table.num_rows
     label = np.asarray(table.column("label_value").to_numpy(zero_copy_only=False), dtype=np.float64)
     if n and (not np.all(np.isfinite(label)) or label.min() < 0 or label.max() > 5):

@@ -157,8 +157,8 @@ def weighted_loss(
 
 def build_data(cfg: Config, run: Run, device: torch.device) -> dict[str, Any]:
     t = cfg.train
-    train = D.load_split(cfg, run.model_version, "train")
-    val = D.load_split(cfg, run.model_version, "val")
+    train = D.load_split(cfg, run, "train")
+    val = D.load_split(cfg, run, "val")
     D.check_trainable(train, val, t.target)
     aug = {
         "min_scale": t.aug_min_scale,
