@@ -64,6 +64,16 @@ class DatabaseConfig(_Section):
     ml_schema: Identifier = "airatings"  # tables this project owns (jobs/migrations)
     dbt_schema: Identifier = "ml"  # views/tables dbt builds
     connect_timeout_s: int = Field(10, ge=1, le=300)
+    # Every connection (jobs, dbt, DuckDB) gets these; 0 turns one off. A statement running
+    # longer than statement_timeout_s is cancelled (exit 75): a training-size export must fit.
+    statement_timeout_s: float = Field(900.0, ge=0, le=86_400)
+    # Waiting longer than this for a table or row lock cancels the statement (exit 75).
+    lock_timeout_s: float = Field(30.0, ge=0, le=86_400)
+    # TCP keepalives (client and server side): a dead peer is noticed after about
+    # idle + interval * count seconds instead of never. keepalives_idle_s 0: off.
+    keepalives_idle_s: int = Field(30, ge=0, le=7200)
+    keepalives_interval_s: int = Field(10, ge=1, le=600)
+    keepalives_count: int = Field(3, ge=1, le=100)
 
 
 class SplitRatios(_Section):

@@ -24,7 +24,7 @@ from jobs.logs import get_logger
 if TYPE_CHECKING:
     import psycopg
 
-    from jobs.config import Config
+    from jobs.config import Config, DatabaseConfig
 
 log = get_logger()
 
@@ -136,11 +136,71 @@ def conninfo_parts(url: str) -> dict[str, Any]:
         "host": d.get("host") or "localhost",
         "port": int(d.get("port") or 5432),
         "user": d.get("user") or os.environ.get("PGUSER", "postgres"),
-        "password": d.get("password") or "",
+        # PGPASSWORD (the way to keep the password out of the URL) reaches dbt too: its
+        # profile passes a password explicitly, so libpq would not read the variable itself.
+        "password": d.get("password") or os.environ.get("PGPASSWORD", ""),
         "dbname": d.get("dbname") or "postgres",
         # verify-full in DATABASE_URL must not become dbt's default 'prefer'
         "sslmode": d.get("sslmode") or os.environ.get("PGSSLMODE") or "prefer",
+        "options": d.get("options") or "",
     }
+
+
+def _millis(seconds: float) -> int:
+    """Seconds as whole milliseconds for a PostgreSQL setting; 0 stays 0 (off), any positive
+    value at least 1 ms."""
+    return 0 if seconds <= 0 else max(1, round(seconds * 1000))
+
+
+def session_options(dbc: DatabaseConfig) -> str:
+    """The libpq ``options`` (``-c name=value`` server settings) every connection carries:
+    statement_timeout, lock_timeout and the server side of TCP keepalives (the server then
+    notices a vanished client and releases its locks). Ignored on a Unix socket."""
+    settings = {
+        "statement_timeout": _millis(dbc.statement_timeout_s),
+        "lock_timeout": _millis(dbc.lock_timeout_s),
+    }
+    if dbc.keepalives_idle_s:
+        settings |= {
+            "tcp_keepalives_idle": dbc.keepalives_idle_s,
+            "tcp_keepalives_interval": dbc.keepalives_interval_s,
+            "tcp_keepalives_count": dbc.keepalives_count,
+        }
+    return " ".join(f"-c {k}={v}" for k, v in settings.items())
+
+
+def conninfo(cfg_or_url: Config | str) -> str:
+    """The libpq connection string jobs and DuckDB use: the database URL plus connect_timeout,
+    client TCP keepalives and :func:`session_options` from the ``database`` config (for a bare
+    URL: the config defaults). What the URL sets itself wins; its own ``options`` come after
+    ours (a later ``-c`` overrides an earlier one)."""
+    return _conninfo(*_target(cfg_or_url))
+
+
+def _target(cfg_or_url: Config | str) -> tuple[str, DatabaseConfig]:
+    from jobs.config import DatabaseConfig
+
+    if isinstance(cfg_or_url, str):
+        return cfg_or_url, DatabaseConfig()
+    return database_url(cfg_or_url), cfg_or_url.database
+
+
+def _conninfo(url: str, dbc: DatabaseConfig) -> str:
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    params: dict[str, Any] = conninfo_to_dict(url)
+    ours: dict[str, Any] = {"connect_timeout": dbc.connect_timeout_s}
+    if dbc.keepalives_idle_s:
+        ours |= {
+            "keepalives": 1,
+            "keepalives_idle": dbc.keepalives_idle_s,
+            "keepalives_interval": dbc.keepalives_interval_s,
+            "keepalives_count": dbc.keepalives_count,
+        }
+    for key, value in ours.items():
+        params.setdefault(key, value)
+    params["options"] = " ".join(filter(None, [session_options(dbc), params.get("options")]))
+    return make_conninfo(**params)
 
 
 # ---- connections -----------------------------------------------------------------------
@@ -150,13 +210,13 @@ def conninfo_parts(url: str) -> dict[str, Any]:
 def connect(
     cfg_or_url: Config | str, *, autocommit: bool = False, **kw
 ) -> Iterator[psycopg.Connection]:
-    """A psycopg connection; operational failures become TransientError (exit 75)."""
+    """A psycopg connection (:func:`conninfo`: keepalives, statement and lock timeouts);
+    operational failures become TransientError (exit 75)."""
     import psycopg
 
-    url = cfg_or_url if isinstance(cfg_or_url, str) else database_url(cfg_or_url)
-    timeout = 10 if isinstance(cfg_or_url, str) else cfg_or_url.database.connect_timeout_s
+    url, dbc = _target(cfg_or_url)
     try:
-        conn = psycopg.connect(url, autocommit=autocommit, connect_timeout=timeout, **kw)
+        conn = psycopg.connect(_conninfo(url, dbc), autocommit=autocommit, **kw)
     except psycopg.OperationalError as exc:
         raise TransientError(f"cannot connect to PostgreSQL at {redact(url)}: {exc}") from None
     try:
@@ -191,6 +251,9 @@ def job_lock(cfg: Config | str, *parts: object, wait: bool = False) -> Iterator[
     with connect(cfg, autocommit=True) as conn:
         key = lock_key(*parts)
         if wait:
+            # Waiting for another job's lock is bounded by statement_timeout, not by
+            # lock_timeout (meant for table and row locks; a dbt build takes minutes).
+            conn.execute("set lock_timeout = 0")
             conn.execute("select pg_advisory_lock(%s)", (key,))
             held = True
         else:

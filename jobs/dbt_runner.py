@@ -98,10 +98,13 @@ def checked_vars(cfg: Config) -> dict[str, Any]:
 
 
 def profile_env(cfg: Config) -> dict[str, str]:
-    """The ``AIR_DBT_*`` variables profiles.yml reads, from the config's database."""
+    """The ``AIR_DBT_*`` variables profiles.yml reads, from the config's database, and
+    ``PGOPTIONS`` (libpq's own variable: dbt-postgres has no ``options`` key) carrying the
+    statement and lock timeouts and server-side keepalives every job connection has."""
     from jobs import db
 
     parts = db.conninfo_parts(db.database_url(cfg))
+    options = " ".join(filter(None, [db.session_options(cfg.database), parts["options"]]))
     return {
         "AIR_DBT_HOST": str(parts["host"]),
         "AIR_DBT_PORT": str(parts["port"]),
@@ -111,6 +114,11 @@ def profile_env(cfg: Config) -> dict[str, str]:
         "AIR_DBT_SSLMODE": str(parts["sslmode"]),
         "AIR_DBT_SCHEMA": cfg.database.dbt_schema,
         "AIR_DBT_THREADS": str(min(4, os.cpu_count() or 1)),
+        "AIR_DBT_CONNECT_TIMEOUT": str(cfg.database.connect_timeout_s),
+        # dbt-postgres sets keepalives_idle only (0: its default, none); interval and count
+        # stay the OS defaults on dbt's side, the server side comes with PGOPTIONS.
+        "AIR_DBT_KEEPALIVES_IDLE": str(cfg.database.keepalives_idle_s),
+        "PGOPTIONS": options,
         "DBT_SEND_ANONYMOUS_USAGE_STATS": "false",
     }
 

@@ -126,6 +126,9 @@ def duckdb_connect(cfg: Config) -> Any:
 
     ext_dir = cfg.data_dir / "duckdb" / "extensions"
     ext_dir.mkdir(parents=True, exist_ok=True)
+    url = db.database_url(cfg)
+    # libpq conninfo: keepalives, statement and lock timeouts like every job connection
+    dsn = db.conninfo(cfg)
     con = duckdb.connect(
         config={
             "autoinstall_known_extensions": False,
@@ -140,12 +143,11 @@ def duckdb_connect(cfg: Config) -> Any:
             duckdb_extensions.import_extension("postgres_scanner", con=con)
             con.execute("load postgres_scanner")
         con.execute("set TimeZone = 'UTC'")
-        url = db.database_url(cfg)
-        con.execute(f"attach {_duck_literal(url)} as pg (type postgres, read_only)")
+        con.execute(f"attach {_duck_literal(dsn)} as pg (type postgres, read_only)")
     except duckdb.IOException as exc:
         con.close()
         raise TransientError(
-            f"DuckDB could not attach PostgreSQL at {db.redact(db.database_url(cfg))}: {exc}"
+            f"DuckDB could not attach PostgreSQL at {db.redact(url)}: {db.redact(str(exc))}"
         ) from None
     except BaseException:
         con.close()

@@ -171,6 +171,7 @@ def test_non_finite_numbers_in_yaml_are_refused_naming_the_key(tmp_path, text, n
 def test_non_finite_numbers_in_env_overrides_are_refused_naming_the_key(raw):
     for var, key in (
         ("AIR__CACHE__BACKOFF_MAX_S", "cache.backoff_max_s"),
+        ("AIR__DATABASE__STATEMENT_TIMEOUT_S", "database.statement_timeout_s"),
         ("AIR__EVALUATE__CI_LEVEL", "evaluate.ci_level"),
     ):
         with pytest.raises(ConfigError) as exc:

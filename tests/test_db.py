@@ -183,3 +183,30 @@ def test_dbt_profile_keeps_the_urls_sslmode(cfg):
         "db.example.com", "6543", "app",
     )  # fmt: skip
     assert dbt_runner.profile_env(cfg)["AIR_DBT_SSLMODE"] in {"prefer", os.environ.get("PGSSLMODE")}
+
+
+def test_job_connections_carry_timeouts_and_keepalives(make_cfg, database_url):
+    """RELIABILITY 27: nothing waits forever. The database section's timeouts reach the server
+    (``options``), keepalives reach libpq; 0 turns a timeout off."""
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    def settings(target) -> tuple[str, str]:
+        with db.connect(target) as conn:
+            return tuple(conn.execute(
+                "select current_setting('statement_timeout'), current_setting('lock_timeout')"
+            ).fetchone())  # fmt: skip
+
+    cfg = make_cfg(database__statement_timeout_s=2.5, database__lock_timeout_s=4)
+    assert settings(cfg) == ("2500ms", "4s")
+    with db.connect(cfg) as conn:
+        params = conn.info.get_parameters()
+    assert (params["keepalives"], params["keepalives_idle"]) == ("1", "30")
+    assert (params["keepalives_interval"], params["keepalives_count"]) == ("10", "3")
+    assert settings(make_cfg()) == ("15min", "30s")  # the defaults
+    assert settings(make_cfg(database__statement_timeout_s=0, database__lock_timeout_s=0)) == (
+        "0", "0",
+    )  # fmt: skip
+    # a bare URL gets the defaults; what the URL sets itself wins
+    assert settings(database_url) == ("15min", "30s")
+    own = make_conninfo(**{**conninfo_to_dict(database_url), "options": "-c statement_timeout=7s"})
+    assert settings(own) == ("7s", "30s")

@@ -248,3 +248,14 @@ def test_missing_dbt_project_is_named(monkeypatch, tmp_path):
     monkeypatch.setenv("AIR_DBT_PROJECT_DIR", str(tmp_path))
     with pytest.raises(InputError, match="no dbt project at .*AIR_DBT_PROJECT_DIR"):
         dbt_runner.project_dir()
+
+
+def test_dbt_sessions_carry_the_same_timeouts(make_cfg):
+    """dbt-postgres has no ``options`` key: the settings reach its sessions through PGOPTIONS."""
+    cfg = make_cfg(database__statement_timeout_s=2.5, database__lock_timeout_s=4)
+    query = "select current_setting('statement_timeout') as s, current_setting('lock_timeout') as l"
+    res = dbt_runner.invoke(cfg, ["show", "--inline", query], quiet=True)
+    assert res.success, res.exception
+    assert tuple(res.result.results[0].agate_table.rows[0]) == ("2500ms", "4s")
+    env = dbt_runner.profile_env(cfg)
+    assert env["AIR_DBT_KEEPALIVES_IDLE"] == "30" and env["AIR_DBT_CONNECT_TIMEOUT"] == "10"
