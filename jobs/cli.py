@@ -32,7 +32,9 @@ db_app = typer.Typer(
 )
 demo_app = typer.Typer(help="The synthetic demo world.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+weights_app = typer.Typer(help="Pretrained backbone weights.", no_args_is_help=True)
 app.add_typer(demo_app, name="demo")
+app.add_typer(weights_app, name="weights")
 
 ConfigOpt = Annotated[
     Path, typer.Option("--config", "-c", help="Run config YAML.", show_default=True)
@@ -277,6 +279,27 @@ def score(config: ConfigOpt = DEFAULT_CONFIG, json_: JsonOpt = False) -> None:
 def review(config: ConfigOpt = DEFAULT_CONFIG, json_: JsonOpt = False) -> None:
     """Disagreement report, review set and relabel import ([7/8])."""
     run_job("review", "jobs.review:run", config, json_)
+
+
+@weights_app.command("pull")
+def weights_pull(
+    backbone: Annotated[
+        str | None, typer.Argument(help="torchvision backbone (default: train.backbone).")
+    ] = None,
+    config: ConfigOpt = DEFAULT_CONFIG,
+    json_: JsonOpt = False,
+    mirror: Annotated[
+        str | None, typer.Option("--mirror", help="Base URL standing in for torchvision's host.")
+    ] = None,
+    url: Annotated[
+        str | None,
+        typer.Option("--url", help="One weights file by URL (name-<sha256 prefix>.pth)."),
+    ] = None,
+) -> None:
+    """Download torchvision's ImageNet weights into the torch cache, hash-checked."""
+    run_job(
+        "weights", "jobs.weights:pull", config, json_, backbone=backbone, mirror=mirror, url=url
+    )
 
 
 @app.command("provenance")
