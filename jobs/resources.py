@@ -6,6 +6,11 @@ pool) by that oversubscribes the quota; the kernel then throttles the pod mid-st
 parallel region waits for its slowest thread. As Go's automaxprocs does, the quota is rounded
 down (at least 1).
 
+Why not a library: ``os.process_cpu_count()`` (Python 3.13+) reads only the affinity mask, not
+a quota; joblib's ``cpu_count()`` (loky) reads the same cgroup files but rounds a fractional
+quota up (``math.ceil``: 1.5 CPUs -> 2 busy threads -> throttled every period), which is the
+case this module exists for. So the few lines stay here, tested in tests/test_resources.py.
+
 Read from the container's own cgroup mount: ``cpu.max`` (cgroup v2) or
 ``cpu/cpu.cfs_quota_us`` and ``cpu/cpu.cfs_period_us`` (v1) under ``/sys/fs/cgroup``. Without
 a readable quota the affinity mask alone counts.
