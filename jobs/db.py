@@ -12,8 +12,10 @@ import hashlib
 import os
 import re
 import subprocess
+import threading
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -226,6 +228,23 @@ def connect(
         conn.close()
 
 
+# ---- advisory locks ---------------------------------------------------------------------
+
+# The schema a job's lock guards (RELIABILITY 27). Most jobs work on the ML schema's tables,
+# so two projects with their own ml_schema in one database never block each other; dbt
+# replaces relations in the dbt schema and the demo seeds the app's tables, whoever's ML
+# schema the config names.
+_LOCK_SCOPES = {"dbt": "dbt_schema", "demo-seed": "app_schema"}
+
+
+def lock_parts(cfg: Config, *parts: object) -> tuple[object, ...]:
+    """The full identity of the lock for ``(job, what...)`` under ``cfg``: the project, the
+    schema the job works on (``_LOCK_SCOPES``, else ``database.ml_schema``), then ``parts``.
+    Every lock key is made here (advisory locks are already per database)."""
+    scope = _LOCK_SCOPES.get(str(parts[0]) if parts else "", "ml_schema")
+    return ("airatings", f"{scope}={getattr(cfg.database, scope)}", *parts)
+
+
 def lock_key(*parts: object) -> int:
     """A stable signed 64-bit advisory-lock key for (job, run, ...)."""
     digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).digest()
@@ -241,15 +260,78 @@ def advisory_unlock(conn: psycopg.Connection, *parts: object) -> None:
     conn.execute("select pg_advisory_unlock(%s)", (lock_key(*parts),))
 
 
+# Is this backend (the pid recorded when the lock was taken) still granted this key?
+# pg_locks shows a bigint key as classid (high 32 bits) and objid (low), objsubid 1.
+_LOCK_HELD_SQL = """
+select pg_backend_pid() = %(pid)s and exists (
+    select 1 from pg_locks
+    where locktype = 'advisory' and granted and pid = %(pid)s and objsubid = 1
+      and database = (select oid from pg_database where datname = current_database())
+      and ((classid::bigint << 32) | objid::bigint) = %(key)s)
+"""
+
+
+@dataclass(eq=False)
+class HeldLock:
+    """A session advisory lock this process holds: its name, key, the connection holding it
+    and that connection's backend pid when it was taken."""
+
+    name: str
+    key: int
+    conn: psycopg.Connection
+    pid: int
+
+    def check(self) -> None:
+        """TransientError (exit 75) unless the lock is still ours. Its connection answering
+        is not enough (a new connection would not hold the lock): pg_locks must show the key
+        granted to the backend that took it."""
+        import psycopg
+
+        why = "PostgreSQL no longer shows it granted to this job's session"
+        try:
+            held = bool(
+                self.conn.execute(_LOCK_HELD_SQL, {"pid": self.pid, "key": self.key}).fetchone()[0]
+            )
+        except psycopg.Error as exc:
+            held, why = False, f"its connection died ({redact(str(exc)).strip()})"
+        if not held:
+            raise TransientError(
+                f"lost the advisory lock {self.name}: {why}; another copy of this job may be "
+                f"running, so nothing was committed. Safe to re-run."
+            )
+
+
+_held: dict[int, HeldLock] = {}
+_held_guard = threading.Lock()
+
+
+def held_locks() -> list[HeldLock]:
+    """The advisory locks this process holds through :func:`job_lock` now."""
+    with _held_guard:
+        return list(_held.values())
+
+
+def check_locks() -> None:
+    """Verify every lock this process holds (:meth:`HeldLock.check`); TransientError (exit 75)
+    naming the first one lost. Call it right before a final commit: a job whose lock
+    connection died (server restart, network, a killed backend) may have a twin working beside
+    it, and must stop instead of committing (RELIABILITY 27)."""
+    for lock in held_locks():
+        lock.check()
+
+
 @contextlib.contextmanager
 def job_lock(cfg: Config | str, *parts: object, wait: bool = False) -> Iterator[bool]:
-    """Hold a session advisory lock for (job, run) on a dedicated connection.
+    """Hold a session advisory lock for ``(job, run...)`` on a dedicated connection.
 
-    Yields True when held, False when another process holds it (``wait=False``): the caller
-    then exits 0 saying why (RELIABILITY.md 1).
+    Given a Config, the key is :func:`lock_parts` (the schema the job works on comes first);
+    given a bare URL, ``parts`` as they are. Yields True when held, False when another process
+    holds it (``wait=False``): the caller then exits 0 saying why (RELIABILITY.md 1). While
+    held, the lock is listed for :func:`check_locks`.
     """
+    full = lock_parts(cfg, *parts) if not isinstance(cfg, str) else parts
     with connect(cfg, autocommit=True) as conn:
-        key = lock_key(*parts)
+        key = lock_key(*full)
         if wait:
             # Waiting for another job's lock is bounded by statement_timeout, not by
             # lock_timeout (meant for table and row locks; a dbt build takes minutes).
@@ -258,12 +340,19 @@ def job_lock(cfg: Config | str, *parts: object, wait: bool = False) -> Iterator[
             held = True
         else:
             held = bool(conn.execute("select pg_try_advisory_lock(%s)", (key,)).fetchone()[0])
+        lock = HeldLock("/".join(map(str, full)), key, conn, conn.info.backend_pid)
+        if held:
+            with _held_guard:
+                _held[id(lock)] = lock
         try:
             yield held
         finally:
-            if held and not conn.closed:
-                with contextlib.suppress(Exception):
-                    conn.execute("select pg_advisory_unlock(%s)", (key,))
+            if held:
+                with _held_guard:
+                    _held.pop(id(lock), None)
+                if not conn.closed:
+                    with contextlib.suppress(Exception):
+                        conn.execute("select pg_advisory_unlock(%s)", (key,))
 
 
 # ---- migrations ------------------------------------------------------------------------
@@ -304,8 +393,13 @@ def migrate(cfg: Config, *, files: list[tuple[int, str, str]] | None = None) -> 
     files = migration_files() if files is None else files
     schema = cfg.database.ml_schema
     applied_now: list[str] = []
+    key = lock_key(*lock_parts(cfg, "migrate"))  # per schema: two schemas migrate at once
     with connect(cfg, autocommit=True) as conn:
-        conn.execute("select pg_advisory_lock(%s)", (lock_key("airatings", "migrate"),))
+        # waiting for a concurrent migrate is bounded by statement_timeout (as in job_lock);
+        # the migrations themselves run under lock_timeout again
+        conn.execute("set lock_timeout = 0")
+        conn.execute("select pg_advisory_lock(%s)", (key,))
+        conn.execute("reset lock_timeout")
         try:
             conn.execute(sql.SQL("create schema if not exists {}").format(sql.Identifier(schema)))
             conn.execute(
@@ -361,7 +455,7 @@ def migrate(cfg: Config, *, files: list[tuple[int, str, str]] | None = None) -> 
         finally:
             # A broken connection has released the lock already; do not mask the real error.
             if not conn.broken:
-                conn.execute("select pg_advisory_unlock(%s)", (lock_key("airatings", "migrate"),))
+                conn.execute("select pg_advisory_unlock(%s)", (key,))
     return {
         "schema": schema,
         "applied": applied_now,

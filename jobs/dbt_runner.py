@@ -258,7 +258,9 @@ _WRITING_COMMANDS = ("build", "run", "seed", "snapshot", "run-operation", "clone
 
 @contextlib.contextmanager
 def relations_lock(cfg: Config) -> Iterator[None]:
-    """Hold (waiting for it) the advisory lock that every dbt run writing relations takes."""
+    """Hold (waiting for it) the advisory lock that every dbt run writing relations takes.
+    Its key is the dbt schema (``db.lock_parts``): configs sharing a dbt schema share it,
+    whatever their ML schema."""
     from jobs import db
 
     with db.job_lock(cfg, "dbt", cfg.database.dbt_schema, wait=True):

@@ -458,6 +458,8 @@ def run(cfg: Config, run: str | int = "latest") -> dict[str, Any]:
             "baselines": baselines,
             "production": production,
         }
+        # A lost lock (RELIABILITY 27): a twin may be evaluating too; write nothing.
+        db.check_locks()
         metrics_path = out_dir / "metrics.json"
         atomic_write_text(
             metrics_path, json.dumps(result, indent=2, sort_keys=True, allow_nan=False)
@@ -469,6 +471,7 @@ def run(cfg: Config, run: str | int = "latest") -> dict[str, Any]:
 
         rows = evaluation_rows(result)
         with db.connect(cfg) as conn, conn.transaction():
+            db.check_locks()  # set_status checks again right before the final update
             write_rows(conn, cfg, the_run, rows)
             summary = summary_of(result, metrics_path, report_path, len(rows))
             runs.set_status(conn, cfg, the_run.id, "evaluated", step="evaluate", summary=summary)

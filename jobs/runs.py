@@ -118,9 +118,13 @@ def set_status(
 
     Never moves a run backwards (a re-run of an earlier step leaves a later status alone).
     Extra keyword columns (``artifact_sha256``, ``trained_at``...) are set as given.
+
+    This is every step's final write: it first checks that the job's advisory locks are still
+    held (:func:`jobs.db.check_locks`; TransientError, exit 75, and nothing written if not).
     """
     if status not in STATUSES:
         raise ValueError(status)
+    db.check_locks()
     runs = table(cfg, "model_training_runs")
     sets = [sql.SQL("updated_at = now()")]
     params: list[Any] = []
@@ -144,6 +148,9 @@ def set_status(
 
 
 def mark_failed(conn: psycopg.Connection, cfg: Config, run_id: int, reason: str) -> None:
+    """Mark the run failed (terminal). Not while a lock is lost: a twin holding it now may
+    finish the run, and 'failed' would stick (:func:`jobs.db.check_locks`)."""
+    db.check_locks()
     conn.execute(
         sql.SQL(
             "update {} set status = 'failed', failure_reason = %s, updated_at = now() where id = %s"

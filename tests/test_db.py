@@ -148,6 +148,36 @@ def test_advisory_job_lock_excludes_a_second_holder(cfg):
         assert again is True
 
 
+def test_lock_keys_include_the_schema_the_job_works_on(make_cfg):
+    """Two projects (ML schemas) in one database never block each other; dbt's lock guards
+    the dbt schema, whoever's ML schema the config names."""
+    a = make_cfg()
+    b = make_cfg(database__ml_schema="other_ml")
+    with db.job_lock(a, "export", 1) as first, db.job_lock(b, "export", 1) as other_schema:
+        assert first is True and other_schema is True
+        with db.job_lock(make_cfg(), "export", 1) as same_schema:
+            assert same_schema is False
+    with db.job_lock(a, "dbt", a.database.dbt_schema) as first:
+        with db.job_lock(b, "dbt", b.database.dbt_schema) as same_dbt_schema:
+            assert first is True and same_dbt_schema is False
+        c = make_cfg(database__ml_schema="other_ml", database__dbt_schema="other_dbt")
+        with db.job_lock(c, "dbt", c.database.dbt_schema) as own_dbt_schema:
+            assert own_dbt_schema is True
+
+
+def test_migrate_lock_is_per_schema(make_cfg):
+    """A migrate of one schema does not wait for another schema's (it used to share one key)."""
+    a = make_cfg()
+    b = make_cfg(database__ml_schema="other_ml", database__statement_timeout_s=5)
+    with db.job_lock(a, "migrate") as held:  # what migrate(a) takes
+        assert held
+        with db.job_lock(make_cfg(), "migrate") as twin:
+            assert twin is False
+        assert "0001_training_runs.sql" in db.migrate(b)["applied"]
+    with db.connect(b) as conn:
+        assert conn.execute("select to_regclass('other_ml.model_training_runs')").fetchone()[0]
+
+
 def test_migration_cut_off_by_the_server_is_transient_and_not_recorded(make_cfg):
     """The server dropping the connection mid-migration is not the migration's fault: exit 75
     (retried), nothing recorded, and a re-run applies it."""

@@ -15,7 +15,7 @@ from train_fixtures import FAST, make_world, run_status
 import jobs.evaluate as E
 import jobs.train
 from jobs import db
-from jobs.errors import InputError
+from jobs.errors import InputError, TransientError
 from jobs.runs import table
 
 
@@ -184,3 +184,33 @@ def test_concurrent_evaluate_exits_saying_so(make_cfg):
         out = E.run(cfg)
     assert out["status"] == "skipped"
     assert run_status(cfg, world["run_id"])[0] == "cached"
+
+
+def test_evaluate_whose_lock_was_lost_exits_75_and_writes_no_result(make_cfg, monkeypatch):
+    """The lock's connection dies while the test split is scored (server restart, network):
+    a twin may be evaluating too, so nothing is committed (RELIABILITY 27)."""
+    cfg = make_cfg(**FAST, evaluate__bootstrap_samples=50)
+    db.migrate(cfg)
+    world = make_world(cfg, n=120)
+    jobs.train.run(cfg)
+    real = E.predict_scores
+
+    def score_then_lose_the_lock(*args, **kw):
+        out = real(*args, **kw)
+        with db.connect(cfg, autocommit=True) as admin:
+            pids = admin.execute(
+                "select distinct pid from pg_locks where locktype = 'advisory' and granted"
+                " and database = (select oid from pg_database where datname = current_database())"
+            ).fetchall()
+            assert pids
+            for (pid,) in pids:
+                admin.execute("select pg_terminate_backend(%s)", (pid,))
+        return out
+
+    monkeypatch.setattr(E, "predict_scores", score_then_lose_the_lock)
+    with pytest.raises(TransientError, match="lost the advisory lock") as info:
+        E.run(cfg)
+    assert info.value.exit_code == 75
+    assert run_status(cfg, world["run_id"])[0] == "trained"
+    assert _db_rows(cfg, world["model_version"]) == []
+    assert not (cfg.artifacts_dir / "runs" / world["model_version"] / "metrics.json").exists()

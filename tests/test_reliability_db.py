@@ -7,7 +7,27 @@ from __future__ import annotations
 import threading
 import time
 
-from jobs import db, export
+import pytest
+from psycopg import sql
+from train_fixtures import insert_run
+
+from jobs import db, export, runs
+from jobs.errors import TransientError
+
+ADVISORY_BACKENDS = (
+    "select distinct pid from pg_locks where locktype = 'advisory' and granted"
+    " and database = (select oid from pg_database where datname = current_database())"
+)
+
+
+def _run_row(cfg, run_id: int) -> tuple:
+    with db.connect(cfg) as conn:
+        return conn.execute(
+            sql.SQL("select status, params_json, updated_at from {} where id = %s").format(
+                runs.table(cfg, "model_training_runs")
+            ),
+            (run_id,),
+        ).fetchone()
 
 
 def _advisory_waiters(cfg) -> int:
@@ -52,3 +72,43 @@ def test_waiting_for_a_job_lock_is_not_cut_short_by_lock_timeout(make_cfg):
         time.sleep(1.0)  # ten lock_timeouts
     t.join()
     assert got == [True]
+
+
+def test_a_job_whose_lock_connection_died_stops_before_its_final_commit(cfg):
+    """The lock's backend is killed (a server restart, a network cut, an admin): the lock is
+    gone and a twin can take it, so the final commit must not happen: exit 75, row unchanged."""
+    run_id = insert_run(cfg, "lock_v2_2026_01_01", "d" * 64, status="exported")
+    before = _run_row(cfg, run_id)
+    with db.job_lock(cfg, "cache", run_id) as held:
+        assert held
+        db.check_locks()  # alive and granted: passes
+        with db.connect(cfg, autocommit=True) as admin:
+            (pid,) = [r[0] for r in admin.execute(ADVISORY_BACKENDS)]
+            assert admin.execute("select pg_terminate_backend(%s)", (pid,)).fetchone()[0]
+            while admin.execute(ADVISORY_BACKENDS).fetchall():
+                time.sleep(0.01)  # until the server has released it
+        with db.job_lock(cfg, "cache", run_id) as twin:
+            assert twin  # what a second copy of the job now gets
+        lost = r"lost the advisory lock .*/cache/"
+        with pytest.raises(TransientError, match=lost) as info, db.connect(cfg) as conn:
+            runs.set_status(conn, cfg, run_id, "cached", step="cache", summary={"n": 1})
+        assert info.value.exit_code == 75
+        assert "its connection died" in str(info.value)
+        with pytest.raises(TransientError, match=lost), db.connect(cfg) as conn:
+            runs.mark_failed(conn, cfg, run_id, "cache: something")
+    assert _run_row(cfg, run_id) == before
+    db.check_locks()  # released: nothing held, nothing to check
+
+
+def test_a_lock_is_checked_in_pg_locks_not_by_a_live_connection_alone(cfg):
+    """A connection that answers but no longer holds the key (a reconnect, a pooler handing
+    out another session) is a lost lock too."""
+    with db.job_lock(cfg, "train", 7) as held:
+        assert held
+        (lock,) = db.held_locks()
+        assert lock.pid == lock.conn.info.backend_pid
+        lock.conn.execute("select pg_advisory_unlock_all()")
+        assert lock.conn.execute("select 1").fetchone() == (1,)
+        with pytest.raises(TransientError, match="no longer shows it granted") as info:
+            db.check_locks()
+        assert "ml_schema=airatings/train/7" in str(info.value)
