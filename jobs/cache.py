@@ -827,10 +827,27 @@ def merge_shards(
 # ---- the job -----------------------------------------------------------------------------------
 
 
-def _already_cached(cfg: Config, run: runs.Run) -> bool:
-    return run.reached("cached") and all(
-        p.is_file() for p in active_paths(cfg, run.model_version).values()
-    )
+def _active_problem(cfg: Config, run: runs.Run) -> str | None:
+    """Why the run's active manifests are not what its cache step recorded (missing, changed,
+    never recorded), or None when every one matches its recorded sha256."""
+    recorded = (run.params.get("cache") or {}).get("active_files") or {}
+    for path in active_paths(cfg, run.model_version).values():
+        expected = (recorded.get(path.name) or {}).get("sha256")
+        if not path.is_file():
+            return f"{path} is missing"
+        if not expected:
+            return f"{path} has no recorded sha256"
+        if sha256_file(path) != expected:
+            return f"{path} changed since the cache step wrote it"
+    return None
+
+
+def _has_complete_shards(cfg: Config, run: runs.Run) -> bool:
+    try:
+        _complete_shard_set(cfg, run)
+    except InputError:
+        return False
+    return True
 
 
 def _distinct_urls(manifests: dict[str, pa.Table]) -> list[str]:
@@ -876,15 +893,25 @@ def run(
             log.info("cache_skipped", reason=msg)
             return {**base, "status": "skipped", "reason": msg}
         r = _get_run(cfg, r.id)  # re-read under the lock: a finished twin may have moved it
-        if _already_cached(cfg, r) and (merge or n == 1):
-            log.info(
-                "cache_already_done", active_dir=str(runs.run_dir(cfg, r.model_version) / "active")
-            )
-            return {
-                **base,
-                "status": "already_done",
-                "active_dir": str(runs.run_dir(cfg, r.model_version) / "active"),
-            }
+        if r.reached("cached") and (merge or n == 1):
+            # "Already done" is checked, not assumed: the files the status vouches for must be
+            # the ones recorded. If not, the merge is redone below (the images are still in
+            # the content-addressed store and the index: no downloads).
+            problem = _active_problem(cfg, r)
+            if problem is None:
+                log.info(
+                    "cache_already_done",
+                    active_dir=str(runs.run_dir(cfg, r.model_version) / "active"),
+                )
+                return {
+                    **base,
+                    "status": "already_done",
+                    "active_dir": str(runs.run_dir(cfg, r.model_version) / "active"),
+                }
+            log.warning("cache_redone", status=r.status, problem=problem)
+            # unsharded too: the shard outputs hold every URL's result, so the merge alone
+            # rebuilds the files (not even the failed URLs are asked again)
+            merge = merge or _has_complete_shards(cfg, r)
 
         manifests = read_manifests(cfg, r)
         if merge:

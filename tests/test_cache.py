@@ -338,6 +338,44 @@ def test_a_changed_export_manifest_is_refused_exit_2(ccfg, server: Server) -> No
         assert runs.get_run(conn, cfg, run.id).status == "exported"
 
 
+def test_already_cached_is_checked_not_assumed(ccfg, server: Server) -> None:
+    """A run at 'cached' whose active manifests are missing or changed is merged again (the
+    images are in the store: no request), unsharded and with --merge alike."""
+    cfg = ccfg()
+    urls = good_urls(server, 12, prefix="a") + [server.url("/status/404")]
+    run = make_exported_run(cfg, urls)
+    first = cache.run(cfg, run=run.model_version, env={})
+    paths = cache.active_paths(cfg, run.model_version)
+    written = {s: p.read_bytes() for s, p in paths.items()}
+    assert set(first["active_files"]) == {p.name for p in paths.values()}
+
+    paths["val"].unlink()
+    server.reset()
+    again = cache.run(cfg, run=run.model_version, env={})
+    assert again["status"] == "cached" and server.total_requests == 0
+    assert paths["val"].read_bytes() == written["val"]
+
+    rewrite_one_label(paths["train"])  # still a valid Parquet file, one label changed
+    again = cache.run(cfg, run=run.model_version, env={})
+    assert again["status"] == "cached" and server.total_requests == 0
+    assert {s: p.read_bytes() for s, p in paths.items()} == written
+    assert list(read_failures(cfg, run).values()) == ["http_404"]
+    assert cache.run(cfg, run=run.model_version, env={})["status"] == "already_done"
+
+    # A sharded run: --merge redoes the merge from the shard outputs.
+    run2 = make_exported_run(cfg, urls, version="test_v2_checked_2")
+    for shard in ("0/2", "1/2"):
+        cache.run(cfg, run=run2.model_version, shard=shard, env={})
+    cache.run(cfg, run=run2.model_version, merge=True, env={})
+    paths2 = cache.active_paths(cfg, run2.model_version)
+    before = paths2["test"].read_bytes()
+    rewrite_one_label(paths2["test"])
+    server.reset()
+    merged = cache.run(cfg, run=run2.model_version, merge=True, env={})
+    assert merged["status"] == "cached" and paths2["test"].read_bytes() == before
+    assert server.total_requests == 0
+
+
 def test_failure_rate_over_the_limit_fails_loudly(ccfg, server: Server) -> None:
     cfg = ccfg(cache__failure_rate_limit=0.2)
     urls = (

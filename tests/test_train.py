@@ -172,6 +172,55 @@ def test_a_changed_active_manifest_is_refused_exit_2(fast_cfg):
         jobs.train.run(cfg, run=unrecorded)
 
 
+def _set_status(cfg, run_id, status):
+    with db.connect(cfg) as conn:
+        conn.execute(
+            sql.SQL("update {} set status = %s where id = %s").format(
+                table(cfg, "model_training_runs")
+            ),
+            (status, run_id),
+        )
+
+
+def test_already_trained_is_checked_not_assumed(fast_cfg):
+    """A run at 'trained' (or 'evaluated') whose best.pt is missing or is not the recorded file
+    is trained again, never left at an exit-2 dead end; past 'evaluated' (its ONNX export came
+    from that file) it is refused, naming the fix."""
+    from jobs.artifacts import sha256_file
+
+    cfg = fast_cfg
+    world = make_world(cfg, n=40)
+    first = jobs.train.run(cfg)
+    best = cfg.artifacts_dir / "runs" / world["model_version"] / "best.pt"
+    assert first["best_checkpoint_sha256"] == sha256_file(best)
+    assert jobs.train.run(cfg)["status"] == "already_done"
+
+    best.unlink()
+    again = jobs.train.run(cfg)
+    assert again["status"] == "trained" and best.is_file()
+    assert again["resumed_from_epoch"] is None  # from scratch, not from the stale last.pt
+    assert again["best_weights_sha256"] == first["best_weights_sha256"]  # same seed, CPU
+    assert run_status(cfg, world["run_id"])[0] == "trained"
+
+    # changed bytes (a valid checkpoint with other weights), at 'evaluated'
+    _set_status(cfg, world["run_id"], "evaluated")
+    ckpt = M.load_weights_only(best)
+    name = next(iter(ckpt["model"]))
+    ckpt["model"][name] = ckpt["model"][name] + 1
+    torch.save(ckpt, best)
+    again = jobs.train.run(cfg)
+    assert again["status"] == "trained" and "evaluation_stale" not in again
+    assert sha256_file(best) == again["best_checkpoint_sha256"]
+    assert run_status(cfg, world["run_id"])[0] == "evaluated"  # never moved backwards
+
+    _set_status(cfg, world["run_id"], "onnx_exported")
+    best.unlink()
+    with pytest.raises(InputError, match="not retrained in place") as err:
+        jobs.train.run(cfg)
+    assert str(best) in str(err.value) and err.value.exit_code == 2
+    assert run_status(cfg, world["run_id"])[0] == "onnx_exported"
+
+
 class _Evil:
     def __init__(self, marker):
         self.marker = marker

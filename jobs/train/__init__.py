@@ -6,7 +6,9 @@ Reads the run's active manifests (``airatings cache``) and writes, under
 (every epoch) and ``best.pt`` (on improvement). Status ``cached`` -> ``trained``.
 
 - A second concurrent train of the same run exits 0 saying so (advisory lock per run).
-- A run already ``trained`` with its ``best.pt`` present: exits 0, "already done".
+- A run already ``trained`` whose ``best.pt`` is the file the run recorded (sha256): exits 0,
+  "already done". Missing or changed: trained again from scratch (a run past ``evaluated``,
+  whose ONNX export came from that file, is refused instead, naming the fix).
 - Empty or single-valued training data, NaN/inf loss: run marked failed, exit 2.
 - Missing pretrained weights (no downloads): exit 2 unless ``train.allow_random_init``.
 
@@ -21,6 +23,7 @@ from typing import Any
 
 from jobs import db, logs, runs
 from jobs.config import Config
+from jobs.errors import InputError
 
 
 def run(
@@ -38,18 +41,33 @@ def run(
     with runs.claim(cfg, "train", run) as (the_run, skipped):
         if skipped:
             return skipped
-        best = runs.run_dir(cfg, the_run.model_version) / "best.pt"
-        if the_run.reached("trained") and best.exists():
-            log.info("train_already_done", best_checkpoint=str(best))
-            return {
-                "status": "already_done",
-                "model_version": the_run.model_version,
-                "best_checkpoint": str(best),
-                **{
-                    k: the_run.params.get("train", {}).get(k)
-                    for k in ("best_metric", "metric", "best_weights_sha256")
-                },
-            }
+        out_dir = runs.run_dir(cfg, the_run.model_version)
+        best = out_dir / "best.pt"
+        if the_run.reached("trained"):
+            problem = engine.best_checkpoint_problem(cfg, the_run)
+            if problem is None:
+                log.info("train_already_done", best_checkpoint=str(best))
+                return {
+                    "status": "already_done",
+                    "model_version": the_run.model_version,
+                    "best_checkpoint": str(best),
+                    **{
+                        k: the_run.params.get("train", {}).get(k)
+                        for k in ("best_metric", "metric", "best_weights_sha256")
+                    },
+                }
+            if the_run.reached("onnx_exported"):
+                recorded = the_run.params.get("train", {}).get("best_checkpoint_sha256")
+                raise InputError(
+                    f"run {the_run.model_version} is '{the_run.status}', but its best checkpoint "
+                    f"{best} {problem}. Its ONNX export was made from that file, so it is not "
+                    f"retrained in place: restore {best}"
+                    + (f" (sha256 {recorded})" if recorded else "")
+                    + " from a backup, or train a new run ('airatings export' makes one once "
+                    "the data or the config differ; an identical export reuses this run)"
+                )
+            log.warning("train_redone", best_checkpoint=str(best), problem=problem)
+            engine.discard_checkpoints(out_dir)
         runs.require(the_run, "cached")
         engine.sweep(runs.run_dir(cfg, the_run.model_version))
         try:
@@ -59,6 +77,14 @@ def run(
                 runs.mark_failed(conn, cfg, the_run.id, f"train: {exc}")
             log.error("training_failed", error=str(exc), run_marked="failed")
             raise
+        before = the_run.params.get("train") or {}
+        if the_run.reached("evaluated") and before.get("best_weights_sha256") not in (
+            None,
+            summary["best_weights_sha256"],
+        ):
+            # retrained after evaluation and the weights came out different: say so
+            summary["evaluation_stale"] = True
+            log.warning("evaluation_stale", reason="retrained weights differ from the evaluated")
         with db.connect(cfg) as conn:
             runs.set_status(
                 conn,

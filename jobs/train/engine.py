@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from jobs.artifacts import atomic_path, atomic_write_text
+from jobs.artifacts import atomic_path, atomic_write_text, sha256_file
 from jobs.config import Config
 from jobs.errors import ConfigError, InputError
 from jobs.logs import get_logger
@@ -635,6 +635,9 @@ def main(
     best_ckpt = M.load_weights_only(best_path)
     last_ckpt = M.load_weights_only(last_path)
     return {
+        # the files' own sha256: what a re-run checks before it trusts "already trained"
+        "best_checkpoint_sha256": sha256_file(best_path),
+        "last_checkpoint_sha256": sha256_file(last_path),
         "status": "trained",
         "model_version": run.model_version,
         "run_id": run.id,
@@ -665,6 +668,40 @@ def main(
         "library_versions": library_versions(),
         "seconds": round(time.monotonic() - started, 3),
     }
+
+
+def best_checkpoint_problem(cfg: Config, run: Run) -> str | None:
+    """Why the run's ``best.pt`` cannot be trusted as the trained result, or None if it is the
+    file the train step recorded: its sha256 (``best_checkpoint_sha256``), or for runs trained
+    before that was recorded, the weights hash (``best_weights_sha256``)."""
+    best = run_dir(cfg, run.model_version) / "best.pt"
+    recorded = run.params.get("train") or {}
+    if not best.is_file():
+        return "is missing"
+    if recorded.get("best_checkpoint_sha256"):
+        actual = sha256_file(best)
+        if actual != recorded["best_checkpoint_sha256"]:
+            return (
+                f"has sha256 {actual[:16]}..., the run records "
+                f"{recorded['best_checkpoint_sha256'][:16]}..."
+            )
+        return None
+    if recorded.get("best_weights_sha256"):
+        try:
+            weights = M.state_dict_sha256(M.load_weights_only(best)["model"])
+        except (InputError, KeyError, TypeError) as exc:
+            return f"does not load ({exc})"
+        if weights != recorded["best_weights_sha256"]:
+            return "holds other weights than the run records (best_weights_sha256)"
+        return None
+    return "is not recorded by the run (no train summary)"
+
+
+def discard_checkpoints(out_dir: Path) -> None:
+    """Before retraining from scratch: a ``last.pt`` would resume a run whose best is lost."""
+    for name in ("best.pt", "last.pt"):
+        with contextlib.suppress(FileNotFoundError):
+            (out_dir / name).unlink()
 
 
 def sweep(out_dir: Path) -> None:
