@@ -13,7 +13,8 @@ JPEG in draft mode, which also yields the training-size copy), and stores:
 then per run ``<artifacts>/runs/<model_version>/failures.parquet`` and the active manifests
 ``active/manifest_{train,val,test}.parquet`` (export columns + ``image_sha256``,
 ``image_path``, ``train_image_path``), and moves the run to ``cached``. A failure rate over
-``cache.failure_rate_limit`` fails the job (exit 2) naming the dominant reasons.
+``cache.failure_rate_limit`` fails the job naming the dominant reasons: exit 75 (retried) when
+most failures are transient (timeouts, connection errors, HTTP 429/5xx), else exit 2.
 
 Sharding (a Kubernetes Indexed Job): ``--shard I/N`` or ``JOB_COMPLETION_INDEX`` +
 ``JOB_COMPLETIONS`` take a stable hash partition of the distinct URLs and write
@@ -43,7 +44,7 @@ from jobs.artifacts import (
     sweep_temp,
     temp_path_for,
 )
-from jobs.errors import InputError
+from jobs.errors import InputError, TransientError
 from jobs.logs import bind, get_logger
 
 if TYPE_CHECKING:
@@ -54,6 +55,8 @@ if TYPE_CHECKING:
 
 SPLITS = ("train", "val", "test")
 SHARD_DIR = "cache_shards"
+# jobs.fetch reasons for failures that may pass by themselves (besides HTTP 429 and 5xx)
+_TRANSIENT_REASONS = frozenset({"timeout", "connection_error"})
 _LOGGED_FAILURES = 50  # individual failure events logged per shard; the rest only counted
 
 
@@ -785,6 +788,17 @@ def merge_shards(
         raise InputError(f"run {run.model_version}: the manifests have no rows; nothing to cache")
     if rate > cfg.cache.failure_rate_limit:
         top = ", ".join(f"{k} {v}" for k, v in list(reasons.items())[:5])
+        transient = sum(v for k, v in reasons.items() if is_transient_reason(k))
+        if transient * 2 > failed:
+            # Mostly timeouts, resets, 5xx, 429: the source is struggling, not wrong. Exit 75
+            # so the Job is retried later (what is cached now is not fetched again).
+            raise TransientError(
+                f"{failed} of {total} images failed ({rate:.1%} > cache.failure_rate_limit "
+                f"{cfg.cache.failure_rate_limit:.0%}), {transient} of them transient "
+                f"(timeouts, connection errors, HTTP 429/5xx): {top}. See {failures_path}. "
+                "The image host looks unavailable; re-run later, already cached images are not "
+                "fetched again."
+            )
         raise InputError(
             f"{failed} of {total} images failed ({rate:.1%} > cache.failure_rate_limit "
             f"{cfg.cache.failure_rate_limit:.0%}); dominant reasons: {top}. See {failures_path}. "
@@ -840,6 +854,16 @@ def _active_problem(cfg: Config, run: runs.Run) -> str | None:
         if sha256_file(path) != expected:
             return f"{path} changed since the cache step wrote it"
     return None
+
+
+def is_transient_reason(reason: str) -> bool:
+    """A failure that may pass on a later run (``jobs.fetch`` retried it and gave up): a
+    timeout, a connection error, HTTP 429 or 5xx. ``truncated`` is not counted: it is also the
+    decoder's reason for a body that arrived whole but cut short, which will not change."""
+    if reason in _TRANSIENT_REASONS:
+        return True
+    code = reason.removeprefix("http_")
+    return reason.startswith("http_") and code.isdigit() and (code == "429" or code[0] == "5")
 
 
 def _has_complete_shards(cfg: Config, run: runs.Run) -> bool:

@@ -155,6 +155,12 @@ def _build_app(srv: Server) -> web.Application:
         await asyncio.sleep(0.15)
         return image(request.match_info["name"])
 
+    @routes.get("/hang/{key}")
+    async def hang(request: web.Request) -> web.Response:
+        # Answers nothing for 5 s: with a short cache.total_timeout_s, a timeout every time.
+        await asyncio.sleep(5)
+        return web.Response(status=504, text="too late")
+
     @routes.get("/status/{code}")
     async def status(request: web.Request) -> web.Response:
         return web.Response(status=int(request.match_info["code"]), text="error page")

@@ -394,6 +394,37 @@ def test_failure_rate_over_the_limit_fails_loudly(ccfg, server: Server) -> None:
     assert sorted(read_failures(cfg, run).values()) == ["http_404"] * 3 + ["not_an_image"]
 
 
+def test_failure_rate_over_the_limit_from_transient_failures_exits_75(ccfg, server: Server) -> None:
+    """Most failures transient (503s, timeouts): the source is unavailable, not wrong, so the
+    job is retried later (exit 75), not stopped as bad input (exit 2)."""
+    from jobs.errors import TransientError
+
+    cfg = ccfg(cache__failure_rate_limit=0.2, cache__total_timeout_s=0.3)
+    urls = (
+        good_urls(server, 4, prefix="u")
+        + [server.url(f"/status/503?i={i}") for i in range(4)]
+        + [server.url(f"/hang/{i}") for i in range(2)]
+        + [server.url("/status/404")]
+    )
+    run = make_exported_run(cfg, urls)
+    with pytest.raises(TransientError) as err:
+        cache.run(cfg, run=run.model_version, env={})
+    assert err.value.exit_code == 75
+    msg = str(err.value)
+    assert "7 of 11 images failed" in msg and "6 of them transient" in msg
+    assert "http_503 4" in msg and "timeout 2" in msg
+    assert server.hits["/status/503?i=0"] == 2  # retried (max_attempts 2), then given up
+    assert not any(p.exists() for p in cache.active_paths(cfg, run.model_version).values())
+    with db.connect(cfg) as conn:
+        assert runs.get_run(conn, cfg, run.id).status == "exported"
+    assert (
+        sorted(read_failures(cfg, run).values())
+        == ["http_404"] + ["http_503"] * 4 + ["timeout"] * 2
+    )
+    assert cache.is_transient_reason("http_429") and cache.is_transient_reason("connection_error")
+    assert not cache.is_transient_reason("http_404") and not cache.is_transient_reason("truncated")
+
+
 def test_shards_then_merge_equal_the_unsharded_result(ccfg, server: Server) -> None:
     cfg = ccfg()
     urls = good_urls(server, 20, prefix="s") + [server.url("/status/404")]
