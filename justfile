@@ -10,12 +10,16 @@ python := bin / "python"
 default:
     @{{ just_executable() }} --list --unsorted
 
-# Create .venv and install the project with the train and dev extras
+# Create .venv and install exactly requirements.lock (hashes checked), then the project
 setup:
     test -x {{ python }} || python3 -m venv {{ venv }}
-    {{ python }} -m pip install --quiet --upgrade pip
-    {{ python }} -m pip install --quiet -e '.[train,dev]'
+    {{ python }} -m pip install --quiet --require-hashes --no-deps -r requirements.lock
+    {{ python }} -m pip install --quiet --no-deps --no-build-isolation -e .
     bash scripts/ensure-chromium.sh
+
+# Re-resolve pyproject.toml's ranges into requirements.lock (exact versions, hashes; uv)
+lock: _ensure-setup
+    {{ python }} scripts/lock.py
 
 # Full lifecycle on the demo world (embedded PostgreSQL, no DATABASE_URL needed)
 demo: _ensure-setup
@@ -25,8 +29,9 @@ demo: _ensure-setup
 test *args: _ensure-setup
     {{ bin }}/pytest {{ args }}
 
-# Lint Python, SQL and the justfile
+# Lint Python, SQL and the justfile; check requirements.lock against pyproject.toml
 lint: _ensure-setup
+    {{ python }} scripts/lock.py --check
     {{ bin }}/ruff check .
     {{ bin }}/ruff format --check .
     cd dbt && ../{{ bin }}/sqlfluff lint . ../jobs/migrations
