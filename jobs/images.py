@@ -79,33 +79,64 @@ def _draft_target(size: tuple[int, int], short_side: int) -> tuple[int, int]:
     return max(1, int(w * scale)), max(1, int(h * scale))
 
 
+_GREY_WIDE = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+_BAND_PIXELS = 1 << 16  # pixels per band when scaling wide greyscale (a 512 KB float64 band)
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
     """Any decoded mode -> 3-channel uint8 RGB (the one normalisation shared by all callers).
 
     16-bit and 32-bit greyscale are scaled (not clipped) to 8 bits; transparency (RGBA, LA, PA,
     P with a transparent index) is composited on ``BACKGROUND_RGB``; CMYK, YCbCr, L, 1 and P
     are converted by Pillow.
+
+    Memory: at the pixel cap a picture is tens of megapixels, decoded in a thread pool, so no
+    step here holds more than the source and the result at full size: wide greyscale is
+    scaled a band of rows at a time into one uint8 plane (float64 only per band), and
+    transparency is blended into the background image in place (``paste`` with the alpha as
+    the mask), not through full-size RGBA copies.
     """
     mode = img.mode
     if mode == "RGB":
         return img
-    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if mode.startswith("I;16") else max(float(arr.max(initial=0.0)), 1.0)
-        if mode != "F" and not mode.startswith("I;16") and top <= 255:
-            top = 255.0
-        arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(arr, "L").convert("RGB")
+    if mode in _GREY_WIDE:
+        return _wide_grey_to_l(img).convert("RGB")
     has_alpha = (
         mode in ("RGBA", "LA", "PA", "RGBa", "La")
         or (mode == "P" and "transparency" in img.info)
         or (mode in ("L", "RGB") and "transparency" in img.info)
     )
     if has_alpha:
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (*BACKGROUND_RGB, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
+        rgba = img if mode == "RGBA" else img.convert("RGBA")
+        out = Image.new("RGB", rgba.size, BACKGROUND_RGB)
+        # out = src * a + background * (1 - a), in out's own memory: the background is opaque,
+        # so this is alpha compositing onto it (alpha_composite's result to within rounding).
+        out.paste(rgba, (0, 0), rgba)
+        return out
     return img.convert("RGB")
+
+
+def _wide_grey_to_l(img: Image.Image) -> Image.Image:
+    """I;16 (scaled by 65535), I and F (by their maximum, I at least 255) -> L, rounded."""
+    mode = img.mode
+    if mode.startswith("I;16"):
+        top = 65535.0
+    else:
+        top = max(float(img.getextrema()[1]), 0.0, 1.0)  # type: ignore[arg-type,index]
+        if mode != "F" and top <= 255:
+            top = 255.0
+    w, h = img.size
+    out = np.empty((h, w), dtype=np.uint8)
+    rows = max(1, _BAND_PIXELS // w)
+    for y0 in range(0, h, rows):
+        y1 = min(h, y0 + rows)
+        band = np.asarray(img.crop((0, y0, w, y1)), dtype=np.float64)
+        band /= top  # the same operations, in the same order, as on the whole array
+        band *= 255.0
+        band += 0.5
+        np.clip(band, 0, 255, out=band)
+        out[y0:y1] = band  # truncates toward zero, like astype(uint8)
+    return Image.fromarray(out, "L")
 
 
 class Decoded(NamedTuple):
@@ -181,7 +212,9 @@ def decode_image(
                 if draft_short_side and img.format == "JPEG" and min(w, h) > draft_short_side:
                     img.draft("RGB", _draft_target((w, h), draft_short_side))
                 img.load()
-                img = ImageOps.exif_transpose(img) or img
+                # in place: without it exif_transpose returns a full copy even when there is
+                # nothing to turn
+                ImageOps.exif_transpose(img, in_place=True)
                 out = to_rgb(img)
                 return Decoded(out.copy() if out is opened else out, w, h)
         except ImageRejected:
