@@ -31,6 +31,7 @@ import os
 import sys
 import time
 from collections import Counter
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -245,15 +246,91 @@ class ImageIndex:
 # ---- caching one URL --------------------------------------------------------------------------
 
 
-@dataclass
-class UrlResult:
-    url: str
-    sha256: str | None = None
-    ext: str | None = None
-    reason: str | None = None
-    attempts: int = 0
-    bytes: int = 0
-    from_index: bool = False
+_EXTS = ("jpg", "png", "webp", "gif")  # the stored extensions (migration 0010's check)
+
+
+class UrlResults:
+    """Each URL's outcome in a few flat arrays indexed like ``urls``: about 80 bytes a URL and
+    no Python object per URL, so 200k URLs cost megabytes, not a dict of dataclasses
+    (RELIABILITY.md 33). ``table()`` builds the shard output from them."""
+
+    def __init__(self, urls: Sequence[str]) -> None:
+        from array import array
+
+        n = len(urls)
+        self.urls = urls
+        self.sha = bytearray(64 * n)  # hex sha256, ASCII
+        self.has_sha = bytearray(n)
+        self.ext = bytearray(n)  # 0: none, else 1 + index into _EXTS
+        self.reason = array("H", bytes(2 * n))  # 0: none, else 1 + index into self.reasons
+        self.reasons: list[str] = []
+        self._reason_ids: dict[str, int] = {}
+        self.attempts = bytearray(n)
+        self.nbytes = array("q", bytes(8 * n))
+        self.from_index = bytearray(n)
+
+    def __len__(self) -> int:
+        return len(self.urls)
+
+    def ok(
+        self, i: int, sha: str, ext: str, *, attempts: int = 0, nbytes: int = 0, from_index: bool
+    ) -> None:
+        self.sha[64 * i : 64 * i + 64] = sha.encode("ascii")
+        self.has_sha[i] = 1
+        self.ext[i] = 1 + _EXTS.index(ext)
+        self.reason[i] = 0
+        self.attempts[i] = min(attempts, 255)
+        self.nbytes[i] = nbytes
+        self.from_index[i] = from_index
+
+    def fail(self, i: int, reason: str, *, attempts: int = 0, nbytes: int = 0) -> None:
+        code = self._reason_ids.get(reason)
+        if code is None:
+            self.reasons.append(reason)
+            code = self._reason_ids[reason] = len(self.reasons)
+        self.has_sha[i] = self.ext[i] = self.from_index[i] = 0
+        self.reason[i] = code
+        self.attempts[i] = min(attempts, 255)
+        self.nbytes[i] = nbytes
+
+    def failure_counts(self) -> Counter[str]:
+        counts = Counter(self.reason)
+        return Counter({self.reasons[code - 1]: k for code, k in counts.items() if code})
+
+    def table(self) -> pa.Table:
+        """The shard output, sorted by URL (columns url, image_sha256, ext, reason, attempts,
+        bytes, from_index), built from the arrays without a per-URL Python object."""
+        import numpy as np
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        n = len(self.urls)
+        valid = np.frombuffer(self.has_sha, dtype=np.uint8).astype(bool)
+        sha = pa.Array.from_buffers(
+            pa.string(),
+            n,
+            [
+                pa.py_buffer(np.packbits(valid, bitorder="little")),
+                pa.py_buffer(np.arange(0, 64 * n + 1, 64, dtype=np.int32)),
+                pa.py_buffer(self.sha),
+            ],
+        )
+
+        def coded(codes: np.ndarray, names: Sequence[str]) -> pa.Array:
+            return pc.take(pa.array([None, *names], pa.string()), pa.array(codes))
+
+        table = pa.table(
+            {
+                "url": pa.array(self.urls, pa.string()),
+                "image_sha256": sha,
+                "ext": coded(np.frombuffer(self.ext, dtype=np.uint8), _EXTS),
+                "reason": coded(np.frombuffer(self.reason, dtype=np.uint16), self.reasons),
+                "attempts": pa.array(np.frombuffer(self.attempts, dtype=np.uint8)).cast(pa.int32()),
+                "bytes": pa.array(np.frombuffer(self.nbytes, dtype=np.int64)),
+                "from_index": pa.array(np.frombuffer(self.from_index, dtype=np.uint8).astype(bool)),
+            }
+        )
+        return table.take(pc.sort_indices(table, [("url", "ascending")]))
 
 
 @dataclass
@@ -453,10 +530,10 @@ class _Progress:
                 total=total, unit="img", desc="caching", file=sys.stderr, dynamic_ncols=True
             )
 
-    def update(self, result: UrlResult) -> None:
+    def update(self, nbytes: int = 0, failed: bool = False) -> None:
         self.done += 1
-        self.bytes += result.bytes
-        self.failed += result.reason is not None
+        self.bytes += nbytes
+        self.failed += failed
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(MB=f"{self.bytes / 1e6:.1f}", failed=self.failed, refresh=False)
@@ -481,18 +558,25 @@ class _Progress:
 
 async def cache_urls(
     cfg: Config,
-    urls: list[str],
+    urls: Sequence[str],
     *,
     index: ImageIndex | None = None,
     fetcher: Fetcher | None = None,
     flush_every: int = 256,
-) -> tuple[dict[str, UrlResult], dict[str, Any]]:
-    """Cache each URL once. Returns per-URL results and counters (requests, bytes, from_index).
+    lookup_batch: int = 2000,
+) -> tuple[UrlResults, dict[str, Any]]:
+    """Cache each URL once. Returns the per-URL results and counters (requests, bytes,
+    from_index...).
 
-    With an ``index``, URLs already cached (index hit and both files present) cost no request;
-    new entries are upserted in batches as they complete, so a killed run keeps its progress.
+    With an ``index``, URLs already cached (an index hit the current config accepts, both
+    files present) cost no request; new entries are upserted in batches as they complete, so a
+    killed run keeps its progress.
+
+    Memory does not grow with the number of URLs beyond the compact results (RELIABILITY.md
+    33): the index is read ``lookup_batch`` URLs at a time, and a fixed set of
+    ``cache.concurrency`` workers takes URLs from a bounded queue (no task per URL).
     """
-    from jobs.fetch import Fetcher, FetchFailed
+    from jobs.fetch import Fetcher, FetchFailed, redact_url
     from jobs.images import ImageRejected
     from jobs.resources import available_cpus
 
@@ -502,40 +586,20 @@ async def cache_urls(
         cfg.artifacts_dir, c.max_pixels, tuple(c.formats), c.train_short_side, c.jpeg_quality
     )
     incoming = cfg.artifacts_dir / "images" / "original"
-    results: dict[str, UrlResult] = {}
-    known = index.lookup(urls) if index is not None else {}
+    results = UrlResults(urls)
     hit_policy = HitPolicy(cfg)
-    to_fetch: list[str] = []
-    regen: list[tuple[str, str, str]] = []
-    refused: list[UrlResult] = []
-    for url in urls:
-        hit = known.get(url)
-        if hit is not None:
-            reason = await hit_policy.refusal(url, hit)
-            if reason is not None:
-                results[url] = UrlResult(url, reason=reason)
-                refused.append(results[url])
-                continue
-            orig = params.root / original_rel(hit.sha256, hit.ext)
-            try:
-                ok = orig.stat().st_size == hit.bytes
-            except FileNotFoundError:
-                ok = False
-            if ok:
-                results[url] = UrlResult(url, hit.sha256, hit.ext, attempts=0, from_index=True)
-                if not (params.root / train_rel(hit.sha256, params.short_side)).exists():
-                    regen.append((url, hit.sha256, hit.ext))
-                continue
-        to_fetch.append(url)
-
+    counts = Counter({"to_fetch": 0, "refused": 0, "regen": 0, "refetched": 0})
     pool = ThreadPoolExecutor(
         max_workers=c.cpu_workers or available_cpus(), thread_name_prefix="cache-cpu"
     )
     loop = asyncio.get_running_loop()
     pending_rows: list[tuple[str, str, str, int, int, int]] = []
-    db_lock = asyncio.Lock()
-    progress = _Progress(len(to_fetch) + len(regen), c.progress_every_s, log)
+    db_lock = asyncio.Lock()  # one connection: lookups and upserts take turns
+    progress = _Progress(len(urls), c.progress_every_s, log)
     logged = 0
+    workers = c.concurrency
+    # (position, url, index row to regenerate the training copy from, or None: fetch it)
+    queue: asyncio.Queue[tuple[int, str, IndexRow | None] | None] = asyncio.Queue(workers)
 
     async def flush(force: bool = False) -> None:
         if index is None or not pending_rows or (len(pending_rows) < flush_every and not force):
@@ -545,77 +609,118 @@ async def cache_urls(
             del pending_rows[: len(batch)]
             await asyncio.to_thread(index.upsert, batch)
 
-    def record_failure(res: UrlResult, exc: Exception) -> None:
+    def record_failure(url: str, reason: str, attempts: int, detail: object) -> None:
         nonlocal logged
-        from jobs.fetch import redact_url
-
         if logged < _LOGGED_FAILURES:
             logged += 1
             log.info(
                 "image_failed",
-                url=redact_url(res.url),
-                reason=res.reason,
-                attempts=res.attempts,
-                detail=str(getattr(exc, "detail", "") or exc)[:200],
+                url=redact_url(url),
+                reason=reason,
+                attempts=attempts,
+                detail=str(detail)[:200],
             )
 
-    for res in refused:
-        record_failure(res, ValueError("cached, but the current config refuses it"))
     own_fetcher = fetcher is None
     fetcher = fetcher or Fetcher.from_config(cfg)
-    sem = asyncio.Semaphore(c.concurrency)
     head_check = _head_check(tuple(c.formats))
 
-    async def one(url: str) -> None:
-        res = UrlResult(url)
-        async with sem:
+    async def produce() -> None:
+        """Index hits are settled here, batch by batch; the rest go to the workers."""
+        for start in range(0, len(urls), lookup_batch):
+            chunk = urls[start : start + lookup_batch]
+            known: dict[str, IndexRow] = {}
+            if index is not None:
+                async with db_lock:
+                    known = await asyncio.to_thread(index.lookup, list(chunk))
+            for i, url in enumerate(chunk, start):
+                hit = known.get(url)
+                if hit is not None:
+                    reason = await hit_policy.refusal(url, hit)
+                    if reason is not None:
+                        counts["refused"] += 1
+                        results.fail(i, reason)
+                        record_failure(url, reason, 0, "cached, but the current config refuses it")
+                        progress.update(failed=True)
+                        continue
+                    orig = params.root / original_rel(hit.sha256, hit.ext)
+                    try:
+                        ok = orig.stat().st_size == hit.bytes
+                    except FileNotFoundError:
+                        ok = False
+                    if ok:
+                        results.ok(i, hit.sha256, hit.ext, from_index=True)
+                        if (params.root / train_rel(hit.sha256, params.short_side)).exists():
+                            progress.update()
+                        else:
+                            counts["regen"] += 1
+                            await queue.put((i, url, hit))
+                        continue
+                counts["to_fetch"] += 1
+                await queue.put((i, url, None))
+        for _ in range(workers):
+            await queue.put(None)
+
+    async def fetch_one(i: int, url: str) -> None:
+        try:
+            got = await fetcher.fetch(url, incoming, head_check=head_check)
             try:
-                got = await fetcher.fetch(url, incoming, head_check=head_check)
-                res.attempts, res.bytes = got.attempts, got.size
-                try:
-                    ext, w, h = await loop.run_in_executor(
-                        pool, store_image, got.path, got.sha256, params
-                    )
-                finally:
-                    # store_image renames or removes the temp body; if it never ran (the job
-                    # was stopped while it waited in the pool's queue), remove it here.
-                    with contextlib.suppress(FileNotFoundError):
-                        got.path.unlink()
-                    fetcher.temp_bodies.discard(got.path)
-                res.sha256, res.ext = got.sha256, ext
-                pending_rows.append((url, got.sha256, ext, got.size, w, h))
-            except FetchFailed as exc:
-                res.reason, res.attempts = exc.reason, exc.attempts
-                record_failure(res, exc)
-            except ImageRejected as exc:
-                res.reason = exc.reason
-                record_failure(res, exc)
-        results[url] = res
-        progress.update(res)
+                ext, w, h = await loop.run_in_executor(
+                    pool, store_image, got.path, got.sha256, params
+                )
+            finally:
+                # store_image renames or removes the temp body; if it never ran (the job was
+                # stopped while it waited in the pool's queue), remove it here.
+                with contextlib.suppress(FileNotFoundError):
+                    got.path.unlink()
+                fetcher.temp_bodies.discard(got.path)
+        except FetchFailed as exc:
+            results.fail(i, exc.reason, attempts=exc.attempts)
+            record_failure(url, exc.reason, exc.attempts, exc.detail or exc)
+            progress.update(failed=True)
+        except ImageRejected as exc:
+            results.fail(i, exc.reason, attempts=got.attempts, nbytes=got.size)
+            record_failure(url, exc.reason, got.attempts, exc.detail or exc)
+            progress.update(got.size, failed=True)
+        else:
+            results.ok(i, got.sha256, ext, attempts=got.attempts, nbytes=got.size, from_index=False)
+            pending_rows.append((url, got.sha256, ext, got.size, w, h))
+            progress.update(got.size)
         await flush()
 
-    refetched: list[str] = []
-
-    async def regen_one(url: str, sha: str, ext: str) -> None:
+    async def regen_one(i: int, url: str, hit: IndexRow) -> None:
         try:
-            await loop.run_in_executor(pool, regenerate_train_copy, sha, ext, params)
+            await loop.run_in_executor(pool, regenerate_train_copy, hit.sha256, hit.ext, params)
         except (ImageRejected, FileNotFoundError):
             # The stored original no longer validates (damaged on disk) or vanished: drop it
             # and fetch the URL again, instead of failing it on every future run.
             with contextlib.suppress(FileNotFoundError):
-                (params.root / original_rel(sha, ext)).unlink()
-            del results[url]
-            refetched.append(url)
-            await one(url)
+                (params.root / original_rel(hit.sha256, hit.ext)).unlink()
+            counts["refetched"] += 1
+            await fetch_one(i, url)
             return
-        progress.update(results[url])
+        progress.update()
 
+    async def work() -> None:
+        while (item := await queue.get()) is not None:
+            i, url, hit = item
+            await (fetch_one(i, url) if hit is None else regen_one(i, url, hit))
+
+    tasks: list[asyncio.Task[None]] = []
     try:
         if own_fetcher:
             await fetcher.__aenter__()
         try:
-            await asyncio.gather(*(one(u) for u in to_fetch), *(regen_one(*r) for r in regen))
+            tasks = [asyncio.create_task(produce())]
+            tasks += [asyncio.create_task(work()) for _ in range(workers)]
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                if task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]
         finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             if own_fetcher:
                 await fetcher.__aexit__(None, None, None)
         await flush(force=True)
@@ -626,10 +731,10 @@ async def cache_urls(
         fetcher.remove_temp_bodies()
     stats = {
         "urls": len(urls),
-        "from_index": len(urls) - len(to_fetch) - len(refetched) - len(refused),
-        "index_refused": len(refused),
-        "fetched": len(to_fetch) + len(refetched),
-        "train_copies_regenerated": len(regen) - len(refetched),
+        "from_index": len(urls) - counts["to_fetch"] - counts["refetched"] - counts["refused"],
+        "index_refused": counts["refused"],
+        "fetched": counts["to_fetch"] + counts["refetched"],
+        "train_copies_regenerated": counts["regen"] - counts["refetched"],
         "requests": fetcher.stats.requests,
         "files_read": fetcher.stats.files_read,
         "retries": fetcher.stats.retries,
@@ -651,23 +756,6 @@ def _write_parquet(table: pa.Table, final: Path) -> None:
 
     with atomic_path(final, check=check) as tmp:
         pq.write_table(table, tmp)
-
-
-def _results_table(results: dict[str, UrlResult]) -> pa.Table:
-    import pyarrow as pa
-
-    rows = sorted(results.values(), key=lambda r: r.url)
-    return pa.table(
-        {
-            "url": pa.array([r.url for r in rows], pa.string()),
-            "image_sha256": pa.array([r.sha256 for r in rows], pa.string()),
-            "ext": pa.array([r.ext for r in rows], pa.string()),
-            "reason": pa.array([r.reason for r in rows], pa.string()),
-            "attempts": pa.array([r.attempts for r in rows], pa.int32()),
-            "bytes": pa.array([r.bytes for r in rows], pa.int64()),
-            "from_index": pa.array([r.from_index for r in rows], pa.bool_()),
-        }
-    )
 
 
 def _complete_shard_set(cfg: Config, run: runs.Run) -> list[Path]:
@@ -712,69 +800,75 @@ def merge_shards(
     log = get_logger()
     manifests = manifests or read_manifests(cfg, run)
     shard_files = _complete_shard_set(cfg, run)
-    results: dict[str, tuple[str | None, str | None, str | None, int]] = {}
-    for path in shard_files:
-        t = pq.read_table(path).to_pydict()
-        for url, sha, ext, reason, attempts in zip(
-            t["url"], t["image_sha256"], t["ext"], t["reason"], t["attempts"], strict=True
-        ):
-            results[url] = (sha, ext, reason, attempts)
+    # All in Arrow, so a merge of 200k URLs holds columns, not a Python object per row.
+    results = pa.concat_tables(
+        pq.read_table(p, columns=["url", "image_sha256", "ext", "reason", "attempts"])
+        for p in shard_files
+    ).combine_chunks()
 
     short = cfg.cache.train_short_side
-    fail_cols: dict[str, list] = {
-        k: [] for k in ("snapshot_id", "split", "url", "reason", "attempts")
-    }
+    fail_parts: list[pa.Table] = []
     actives: dict[str, pa.Table] = {}
     counts: dict[str, dict[str, int]] = {}
     for split, table in manifests.items():
-        keep, shas, origs, trains = [], [], [], []
-        for row, (sid, url) in enumerate(
-            zip(
-                table.column("snapshot_id").to_pylist(),
-                table.column("firebase_url").to_pylist(),
-                strict=True,
-            )
-        ):
-            sha = ext = None
-            if not url:
-                reason, attempts = "missing_url", 0
-            elif url not in results:
-                reason, attempts = "not_in_shards", 0
-            else:
-                sha, ext, reason, attempts = results[url]
-            if sha is not None and ext is not None:
-                keep.append(row)
-                shas.append(sha)
-                origs.append(original_rel(sha, ext))
-                trains.append(train_rel(sha, short))
-            else:
-                fail_cols["snapshot_id"].append(sid)
-                fail_cols["split"].append(split)
-                fail_cols["url"].append(redact_url(url))
-                fail_cols["reason"].append(reason or "unknown")
-                fail_cols["attempts"].append(attempts)
-        active = table.take(pa.array(keep, pa.int64()))
-        active = active.append_column("image_sha256", pa.array(shas, pa.string()))
-        active = active.append_column("image_path", pa.array(origs, pa.string()))
-        active = active.append_column("train_image_path", pa.array(trains, pa.string()))
+        urls = table.column("firebase_url")
+        missing = pc.fill_null(pc.equal(urls, ""), True)  # null or empty: nothing to fetch
+        pos = pc.index_in(urls, value_set=results.column("url"))  # null: no shard has it
+        sha, ext, reason, attempts = (
+            results.column(name).take(pos) for name in ("image_sha256", "ext", "reason", "attempts")
+        )
+        keep = pc.and_(pc.invert(missing), pc.and_(pc.is_valid(sha), pc.is_valid(ext)))
+        kept_sha, kept_ext = sha.filter(keep), ext.filter(keep)
+        prefix = pc.utf8_slice_codeunits(kept_sha, 0, 2)
+        active = table.filter(keep)
+        active = active.append_column("image_sha256", kept_sha)
+        active = active.append_column(  # original_rel()
+            "image_path",
+            pc.binary_join_element_wise(
+                "images/original/", prefix, "/", kept_sha, ".", kept_ext, ""
+            ),
+        )
+        active = active.append_column(  # train_rel()
+            "train_image_path",
+            pc.binary_join_element_wise(f"images/train{short}/", prefix, "/", kept_sha, ".jpg", ""),
+        )
         active = active.take(pc.sort_indices(active, [("snapshot_id", "ascending")]))
         active = active.cast(ACTIVE_SCHEMA)  # exactly the contract training reads
         actives[split] = active
+
+        lost = pc.invert(keep)
+        absent = pc.or_(missing, pc.is_null(pos)).filter(lost)
+        fail_reason = pc.if_else(
+            missing.filter(lost),
+            "missing_url",
+            pc.if_else(
+                pc.is_null(pos.filter(lost)),
+                "not_in_shards",
+                pc.fill_null(reason.filter(lost), "unknown"),
+            ),
+        )
+        fail_parts.append(
+            pa.table(
+                {
+                    "snapshot_id": table.column("snapshot_id").filter(lost),
+                    "split": pa.array([split] * len(fail_reason), pa.string()),
+                    "url": pa.array(
+                        [redact_url(u) for u in urls.filter(lost).to_pylist()], pa.string()
+                    ),
+                    "reason": fail_reason,
+                    "attempts": pc.if_else(absent, 0, pc.fill_null(attempts.filter(lost), 0)).cast(
+                        pa.int32()
+                    ),
+                }
+            )
+        )
         counts[split] = {
             "rows": table.num_rows,
             "active": active.num_rows,
             "failed": table.num_rows - active.num_rows,
         }
 
-    failures = pa.table(
-        {
-            "snapshot_id": pa.array(fail_cols["snapshot_id"], pa.int64()),
-            "split": pa.array(fail_cols["split"], pa.string()),
-            "url": pa.array(fail_cols["url"], pa.string()),
-            "reason": pa.array(fail_cols["reason"], pa.string()),
-            "attempts": pa.array(fail_cols["attempts"], pa.int32()),
-        }
-    )
+    failures = pa.concat_tables(fail_parts).combine_chunks()
     failures = failures.take(pc.sort_indices(failures, [("snapshot_id", "ascending")]))
     out_dir = runs.run_dir(cfg, run.model_version)
     failures_path = out_dir / "failures.parquet"
@@ -782,7 +876,7 @@ def merge_shards(
 
     total = sum(c["rows"] for c in counts.values())
     failed = failures.num_rows
-    reasons = dict(Counter(fail_cols["reason"]).most_common())
+    reasons = dict(Counter(failures.column("reason").to_pylist()).most_common())
     rate = failed / total if total else 1.0
     if total == 0:
         raise InputError(f"run {run.model_version}: the manifests have no rows; nothing to cache")
@@ -964,8 +1058,8 @@ def run(
                 cache_urls(cfg, urls, index=ImageIndex(cfg, conn), fetcher=fetcher)
             )
         out = shard_path(cfg, r.model_version, i, n)
-        _write_parquet(_results_table(results), out)
-        failed = Counter(res.reason for res in results.values() if res.reason)
+        _write_parquet(results.table(), out)
+        failed = results.failure_counts()
         shard_summary = {
             **stats,
             "shard": f"{i}/{n}",

@@ -425,6 +425,46 @@ def test_failure_rate_over_the_limit_from_transient_failures_exits_75(ccfg, serv
     assert not cache.is_transient_reason("http_404") and not cache.is_transient_reason("truncated")
 
 
+def test_cache_runs_a_fixed_set_of_workers_not_a_task_per_url(ccfg, server: Server) -> None:
+    """Memory does not grow with the number of URLs (RELIABILITY.md 33): however many URLs,
+    the event loop holds about cache.concurrency tasks (a bounded queue feeds them), and the
+    results come back as flat arrays."""
+    import asyncio
+
+    cfg = ccfg(cache__concurrency=4, cache__per_host=4)
+    urls = [server.add(f"w{i}.jpg", jpeg(32, 24, seed=i)) for i in range(300)] + [
+        server.url("/status/404")
+    ]
+    most = 0
+
+    async def main(conn):
+        nonlocal most
+        done = False
+
+        async def sample() -> None:
+            nonlocal most
+            while not done:
+                most = max(most, len(asyncio.all_tasks()))
+                await asyncio.sleep(0)
+
+        sampler = asyncio.create_task(sample())
+        try:
+            return await cache.cache_urls(cfg, urls, index=cache.ImageIndex(cfg, conn))
+        finally:
+            done = True
+            await sampler
+
+    with db.connect(cfg, autocommit=True) as conn:
+        results, stats = asyncio.run(main(conn))
+    assert stats["fetched"] == 301 and server.total_requests == 301
+    assert 5 <= most <= 4 + 10  # the workers, the producer, this test's and aiohttp's own
+    assert isinstance(results, cache.UrlResults) and results.failure_counts() == {"http_404": 1}
+    table = results.table()
+    assert table.column("url").to_pylist() == sorted(urls)
+    assert table.column("image_sha256").null_count == 1
+    assert table.column("reason").to_pylist().count("http_404") == 1
+
+
 def test_shards_then_merge_equal_the_unsharded_result(ccfg, server: Server) -> None:
     cfg = ccfg()
     urls = good_urls(server, 20, prefix="s") + [server.url("/status/404")]
