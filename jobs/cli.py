@@ -103,14 +103,31 @@ def run_job(job: str, target: str, config: Path, as_json: bool, **kwargs: Any) -
     except KeyboardInterrupt:
         code = EXIT_TRANSIENT
         print("error: interrupted; nothing half-written was kept, safe to re-run", file=sys.stderr)
-    except Exception as exc:  # operational DB errors are transient; everything else is a bug
+    except Exception as exc:  # the database lost is transient; everything else is a bug
+        # A last line of defence (jobs.db.connect and the DuckDB reads map these already):
+        # psycopg's operational errors (a closed connection too) and DuckDB's postgres
+        # connection errors are one redacted line and exit 75, never a traceback
+        # (RELIABILITY 28).
         import psycopg
 
-        if isinstance(exc, psycopg.OperationalError):
-            code = EXIT_TRANSIENT
-            print(f"error: database unavailable: {exc}", file=sys.stderr)
-        else:
+        from jobs.db import duckdb_connection_lost, redact
+
+        lost = isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
+        if not lost and "duckdb" in sys.modules:
+            import duckdb
+
+            lost = isinstance(exc, duckdb.Error) and duckdb_connection_lost(exc)
+        if not lost:
             raise
+
+        code = EXIT_TRANSIENT
+        msg = "database unavailable: " + " ".join(redact(str(exc)).split())
+        log.error("job_failed", error=msg, exit_code=code, kind=type(exc).__name__)
+        if as_json:
+            sys.stdout.write(
+                json.dumps({"status": "failed", "error": msg, "exit_code": code}) + "\n"
+            )
+        print(f"error: {msg}", file=sys.stderr)
     finally:
         logs.clear()
     raise typer.Exit(code)

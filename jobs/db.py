@@ -208,22 +208,102 @@ def _conninfo(url: str, dbc: DatabaseConfig) -> str:
 # ---- connections -----------------------------------------------------------------------
 
 
+# What libpq, psycopg, dbt and DuckDB's postgres_scanner say when the server went away, a
+# connection broke, or a statement was cancelled by a timeout or an administrator
+# (RELIABILITY 28): the job did nothing wrong and a re-run may pass (exit 75).
+CONNECTION_LOST_HINTS = (
+    "could not connect",
+    "connection refused",
+    "connection to server",
+    "timeout expired",
+    "server closed the connection",
+    "terminating connection",
+    "connection already closed",
+    "connection is closed",
+    "connection not open",
+    "no connection to the server",
+    "could not receive data from server",
+    "could not send data to server",
+    "unable to connect to postgres",
+    "lost synchronization with server",
+    "ssl syscall error",
+    "ssl connection has been closed",
+    "eof detected",
+    "connection reset by peer",
+    "broken pipe",
+    "connection timed out",
+    "network is unreachable",
+    "no route to host",
+    "the database system is shutting down",
+    "the database system is starting up",
+    "the database system is in recovery mode",
+    "canceling statement due to statement timeout",
+    "canceling statement due to lock timeout",
+    "canceling statement due to user request",
+    "canceling statement due to conflict with recovery",
+)
+
+
+def connection_lost(text: str) -> bool:
+    """Whether an error text (libpq, psycopg, dbt, DuckDB) says the database went away or a
+    statement was cancelled by a timeout: transient, not the job's input."""
+    low = text.lower()
+    return any(h in low for h in CONNECTION_LOST_HINTS)
+
+
+def duckdb_connection_lost(exc: BaseException) -> bool:
+    """A DuckDB error (postgres_scanner) that is the database lost: an IOException that is
+    not an error the server reported about the SQL, or any error whose text says so
+    (:func:`connection_lost`: DuckDB reports a dropped connection as a plain ``Error``)."""
+    import duckdb
+
+    text = str(exc)
+    if connection_lost(text):
+        return True
+    return isinstance(exc, duckdb.IOException) and "ERROR:" not in text
+
+
+def transient_message(exc: BaseException, url: str, dbc: DatabaseConfig | None = None) -> str:
+    """One redacted line for a database failure mid-job, naming the timeout that fired."""
+    text = " ".join(redact(str(exc)).split()) or type(exc).__name__
+    low = text.lower()
+    if "statement timeout" in low and dbc is not None:
+        what = f"a statement ran past database.statement_timeout_s ({dbc.statement_timeout_s:g} s)"
+    elif "lock timeout" in low and dbc is not None:
+        what = f"a lock wait ran past database.lock_timeout_s ({dbc.lock_timeout_s:g} s)"
+    else:
+        what = "the database failed mid-job"
+    return f"{what} at {redact(url)}: {text}; the open transaction was rolled back, safe to re-run"
+
+
 @contextlib.contextmanager
 def connect(
     cfg_or_url: Config | str, *, autocommit: bool = False, **kw
 ) -> Iterator[psycopg.Connection]:
-    """A psycopg connection (:func:`conninfo`: keepalives, statement and lock timeouts);
-    operational failures become TransientError (exit 75)."""
+    """A psycopg connection (:func:`conninfo`: keepalives, statement and lock timeouts).
+
+    Failing to connect, and an operational failure inside the ``with`` block (the server
+    closed the connection or shut down, a statement or lock timeout, a serialization failure),
+    become TransientError (exit 75) with a redacted one-line message: the database lost
+    mid-job is worth a retry, never a traceback or exit 2 (RELIABILITY 28).
+    """
     import psycopg
 
     url, dbc = _target(cfg_or_url)
     try:
         conn = psycopg.connect(_conninfo(url, dbc), autocommit=autocommit, **kw)
     except psycopg.OperationalError as exc:
-        raise TransientError(f"cannot connect to PostgreSQL at {redact(url)}: {exc}") from None
+        msg = " ".join(redact(str(exc)).split())
+        raise TransientError(f"cannot connect to PostgreSQL at {redact(url)}: {msg}") from None
     try:
         with conn:
             yield conn
+    except psycopg.OperationalError as exc:
+        raise TransientError(transient_message(exc, url, dbc)) from exc
+    except psycopg.InterfaceError as exc:
+        if not (conn.closed or conn.broken):
+            raise  # a programming error, not the database
+        raise TransientError(transient_message(exc, url, dbc)) from exc
     finally:
         conn.close()
 

@@ -205,14 +205,6 @@ def _counts(res: Any) -> dict[str, int]:
     return counts
 
 
-_CONNECT_HINTS = (
-    "could not connect",
-    "connection refused",
-    "connection to server",
-    "timeout expired",
-)
-
-
 def _interrupt_in(exc: BaseException | None) -> BaseException | None:
     """A SIGTERM (``Terminated``), Ctrl-C or other job error somewhere in ``exc``'s chain.
 
@@ -230,18 +222,27 @@ def _interrupt_in(exc: BaseException | None) -> BaseException | None:
 
 
 def _raise_for(res: Any, what: str, logs: Path) -> None:
+    """dbt's result as our exceptions. The database lost (refused, closed mid-build, shut
+    down, a statement or lock timeout: ``db.connection_lost``) is TransientError (exit 75),
+    whether dbt stopped on it (``FailedToConnectError``, ``DbtDatabaseError``) or a node
+    failed on it: a re-run will say whether anything else was wrong (RELIABILITY 28)."""
+    from jobs import db
+
     failures = _failures(res)
     if (interrupt := _interrupt_in(res.exception)) is not None:
         raise interrupt
     if res.exception is not None:
-        text = str(res.exception)
-        if any(h in text.lower() for h in _CONNECT_HINTS):
-            raise TransientError(f"{what}: dbt could not reach PostgreSQL: {text}")
+        text = db.redact(str(res.exception))
+        if db.connection_lost(text) or _connection_error(res.exception):
+            raise TransientError(f"{what}: dbt lost PostgreSQL: {_one_line(text)}")
         raise InputError(f"{what}: dbt stopped: {text}")
     if failures:
-        connect = [f for f in failures if any(h in f["message"].lower() for h in _CONNECT_HINTS)]
-        if connect and len(connect) == len(failures):
-            raise TransientError(f"{what}: dbt could not reach PostgreSQL: {connect[0]['message']}")
+        lost = [f for f in failures if db.connection_lost(f["message"])]
+        if lost:
+            raise TransientError(
+                f"{what}: dbt lost PostgreSQL ({len(lost)} of {len(failures)} failed nodes): "
+                f"{_one_line(db.redact(lost[0]['message']))}"
+            )
         names = ", ".join(f"{f['name']} ({f['status']})" for f in failures)
         raise InputError(
             f"{what} failed; fix the data or the models and run again. Failed: {names}. "
@@ -249,6 +250,26 @@ def _raise_for(res: Any, what: str, logs: Path) -> None:
         )
     if not res.success:
         raise InputError(f"{what}: dbt did not succeed (see {logs / 'dbt.log'})")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _connection_error(exc: BaseException | None) -> bool:
+    """dbt's adapter could not connect, or psycopg2 (under dbt) lost the connection,
+    somewhere in ``exc``'s chain."""
+    import psycopg2
+    from dbt.adapters.exceptions import FailedToConnectError
+
+    lost = (FailedToConnectError, psycopg2.OperationalError, psycopg2.InterfaceError)
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, lost):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 # dbt commands that create or replace relations: they run under the dbt lock, so that an

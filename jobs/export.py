@@ -144,8 +144,10 @@ def duckdb_connect(cfg: Config) -> Any:
             con.execute("load postgres_scanner")
         con.execute("set TimeZone = 'UTC'")
         con.execute(f"attach {_duck_literal(dsn)} as pg (type postgres, read_only)")
-    except duckdb.IOException as exc:
+    except duckdb.Error as exc:
         con.close()
+        if not (isinstance(exc, duckdb.IOException) or db.duckdb_connection_lost(exc)):
+            raise
         raise TransientError(
             f"DuckDB could not attach PostgreSQL at {db.redact(url)}: {db.redact(str(exc))}"
         ) from None
@@ -165,7 +167,12 @@ def splits_query(cfg: Config) -> str:
 def read_snapshot(cfg: Config, con: Any | None = None) -> tuple[pa.Table, dict[str, int], int]:
     """(manifest table sorted by snapshot id, drop counts per reason, candidate count), read in
     one DuckDB transaction (one PostgreSQL snapshot per scan; the marts are tables that only
-    a dbt build under the dbt lock replaces)."""
+    a dbt build under the dbt lock replaces). The database lost mid-read (server gone, a
+    killed backend, statement_timeout) is TransientError (exit 75, RELIABILITY 28)."""
+    import contextlib
+
+    import duckdb
+
     own = con is None
     con = duckdb_connect(cfg) if own else con
     try:
@@ -176,6 +183,19 @@ def read_snapshot(cfg: Config, con: Any | None = None) -> tuple[pa.Table, dict[s
             f"select drop_reason, count(*) from {cand} group by drop_reason"  # noqa: S608
         ).fetchall()
         con.execute("commit")
+    except duckdb.Error as exc:
+        # End DuckDB's transaction here, where a failing ROLLBACK is a Python exception: left
+        # to close(), a ROLLBACK on a dead postgres connection aborts the process (SIGABRT,
+        # duckdb 1.5 postgres_scanner: an exception thrown from a destructor).
+        with contextlib.suppress(duckdb.Error):
+            con.execute("rollback")
+        if not db.duckdb_connection_lost(exc):
+            raise
+        where = cfg.database.url or "the embedded PostgreSQL"
+        raise TransientError(
+            f"reading {SPLITS_MODEL} through DuckDB: "
+            + db.transient_message(exc, where, cfg.database)
+        ) from None
     finally:
         if own:
             con.close()

@@ -101,3 +101,69 @@ def test_logs_are_json_lines_with_job_context_and_one_summary(database_url):
     assert events[-1]["event"] == "job_finished"
     summary = json.loads(r.stdout)
     assert summary["status"] == "done" and "0001_training_runs.sql" in summary["applied"]
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_export_against_a_dead_server_exits_75_without_a_traceback(tmp_path):
+    env = {
+        **os.environ,
+        "DATABASE_URL": f"postgresql://u@127.0.0.1:{free_port()}/db",
+        "AIR_DATA_DIR": str(tmp_path / "data"),
+        "AIR_ARTIFACTS_DIR": str(tmp_path / "art"),
+    }
+    r = airatings("export", "--json", env=env)
+    assert r.returncode == 75, r.stderr
+    assert "Traceback" not in r.stderr
+    assert "cannot connect to PostgreSQL" in json.loads(r.stdout)["error"]
+
+
+@pytest.mark.parametrize(
+    "raise_it",
+    [
+        "raise psycopg.OperationalError('consuming input failed: server closed the connection"
+        " unexpectedly (user=u password=hunter2-x)')",
+        "raise psycopg.InterfaceError('the connection is lost')",
+        "raise duckdb.IOException('IO Error: Unable to connect to Postgres at"
+        ' "host=h password=hunter2-x": connection refused\')',
+        "raise duckdb.Error('Failed to prepare COPY: server closed the connection unexpectedly')",
+    ],
+)
+def test_a_database_error_that_escapes_a_job_is_exit_75_in_one_line(
+    tmp_path, monkeypatch, capsys, raise_it
+):
+    """run_job's last line of defence: a psycopg or DuckDB connection error no job mapped is
+    75 with one redacted line, not a traceback (exit 1)."""
+    import sys
+
+    import typer
+
+    from jobs.cli import run_job
+
+    (tmp_path / "lost_job.py").write_text(
+        f"import duckdb\nimport psycopg\n\n\ndef run(cfg):\n    {raise_it}\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "lost_job", raising=False)
+    with pytest.raises(typer.Exit) as info:
+        run_job("lost", "lost_job:run", Path("configs/v2_baseline.yaml"), True)
+    assert info.value.exit_code == 75
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    assert json.loads(out)["error"].startswith("database unavailable: ")
+
+
+def test_a_bug_still_shows_its_traceback(tmp_path, monkeypatch):
+    from jobs.cli import run_job
+
+    (tmp_path / "buggy_job.py").write_text("def run(cfg):\n    raise KeyError('bug')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(KeyError):
+        run_job("buggy", "buggy_job:run", Path("configs/v2_baseline.yaml"), True)

@@ -240,3 +240,33 @@ def test_job_connections_carry_timeouts_and_keepalives(make_cfg, database_url):
     assert settings(database_url) == ("15min", "30s")
     own = make_conninfo(**{**conninfo_to_dict(database_url), "options": "-c statement_timeout=7s"})
     assert settings(own) == ("7s", "30s")
+
+
+def test_database_lost_inside_a_connection_block_is_transient(cfg):
+    """RELIABILITY 28: the server closing the connection mid-job is exit 75, not a raw
+    psycopg traceback."""
+    from jobs.errors import TransientError
+
+    lost = "the database failed mid-job"
+    with pytest.raises(TransientError, match=lost) as info, db.connect(cfg) as conn:
+        conn.execute("select pg_terminate_backend(pg_backend_pid())")
+    assert info.value.exit_code == 75
+    assert "terminating connection" in str(info.value) or "closed" in str(info.value)
+    assert "\n" not in str(info.value)  # one line
+
+
+def test_statement_and_lock_timeouts_are_transient_and_named(make_cfg):
+    from jobs.errors import TransientError
+
+    quick = make_cfg(database__statement_timeout_s=0.05)
+    named = r"database.statement_timeout_s \(0.05 s\)"
+    with pytest.raises(TransientError, match=named) as info, db.connect(quick) as conn:
+        conn.execute("select pg_sleep(1)")
+    assert info.value.exit_code == 75
+    cfg = make_cfg(database__lock_timeout_s=0.1)
+    db.migrate(cfg)
+    with db.connect(cfg) as holder:
+        holder.execute("lock table airatings.model_training_runs in access exclusive mode")
+        named = r"database.lock_timeout_s \(0.1 s\)"
+        with pytest.raises(TransientError, match=named), db.connect(cfg) as conn:
+            conn.execute("select count(*) from airatings.model_training_runs")

@@ -259,3 +259,95 @@ def test_dbt_sessions_carry_the_same_timeouts(make_cfg):
     assert tuple(res.result.results[0].agate_table.rows[0]) == ("2500ms", "4s")
     env = dbt_runner.profile_env(cfg)
     assert env["AIR_DBT_KEEPALIVES_IDLE"] == "30" and env["AIR_DBT_CONNECT_TIMEOUT"] == "10"
+
+
+DBT_BACKENDS = (
+    "select pg_terminate_backend(pid) from pg_stat_activity"
+    " where application_name = 'dbt' and datname = current_database()"
+)
+
+
+def _build_while_killing_dbt(cfg, pg_server, start_killing: str | None) -> None:
+    """``dbt_runner.build`` while another session terminates every dbt backend, from the start
+    (``start_killing=None``) or once a dbt session waits on a lock this helper holds on the
+    table ``start_killing``: the database lost mid-build, for real."""
+    import threading
+    import time
+
+    from conftest import with_dbname
+    from psycopg.conninfo import conninfo_to_dict
+
+    url = with_dbname(pg_server, conninfo_to_dict(cfg.database.url)["dbname"])
+    stop = threading.Event()
+    ready = threading.Event()
+
+    def killer() -> None:
+        with db.connect(url, autocommit=True) as conn:
+            with conn.transaction():
+                if start_killing:
+                    conn.execute(f"lock table {start_killing} in access exclusive mode")
+                ready.set()
+                while start_killing and not stop.is_set():
+                    waiting = conn.execute(
+                        "select count(*) from pg_stat_activity where application_name = 'dbt'"
+                        " and wait_event_type = 'Lock' and datname = current_database()"
+                    ).fetchone()[0]
+                    if waiting:
+                        break
+                    time.sleep(0.01)
+                conn.execute(DBT_BACKENDS)
+            while not stop.is_set():
+                conn.execute(DBT_BACKENDS)
+                time.sleep(0.02)
+
+    t = threading.Thread(target=killer)
+    t.start()
+    ready.wait()
+    try:
+        dbt_runner.build(cfg)
+    finally:
+        stop.set()
+        t.join()
+
+
+@pytest.mark.parametrize("start_killing", [None, "public.webcams"])
+def test_database_lost_mid_build_is_transient(pg_server, tmp_path, start_killing):
+    """RELIABILITY 28: whether dbt stops on the lost connection (DbtDatabaseError, "server
+    closed the connection unexpectedly") or nodes fail on it ("terminating connection due to
+    administrator command"), the build is exit 75 (retried), never 2 (a data problem)."""
+    from jobs.errors import TransientError
+
+    with world(pg_server, tmp_path, snapshots=40) as (cfg, _):
+        with pytest.raises(TransientError, match="dbt lost PostgreSQL") as info:
+            _build_while_killing_dbt(cfg, pg_server, start_killing)
+        assert info.value.exit_code == 75
+        # and the next build, with the database back, passes
+        assert set(dbt_runner.build(cfg)["results"]) <= {"pass", "success"}
+
+
+def test_dbt_build_against_a_dead_server_exits_75_without_a_traceback(tmp_path):
+    import os
+    import socket
+    import subprocess
+
+    from conftest import AIRATINGS, BASELINE
+
+    with socket.socket() as s:  # a loopback port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {
+        **os.environ,
+        "DATABASE_URL": f"postgresql://u:pw-not-shown@127.0.0.1:{port}/db",
+        "AIR_DATA_DIR": str(tmp_path / "data"),
+        "AIR_ARTIFACTS_DIR": str(tmp_path / "art"),
+    }
+    # build takes the dbt lock first (our connection fails); show goes straight to dbt
+    for args in (["build"], ["show", "--inline", "select 1 as x"]):
+        r = subprocess.run(
+            [AIRATINGS, "dbt", *args, "--config", str(BASELINE), "--json"],
+            capture_output=True, text=True, env=env, timeout=300,
+        )  # fmt: skip
+        assert r.returncode == 75, r.stderr[-2000:]
+        assert "Traceback" not in r.stderr
+        assert json.loads(r.stdout.strip().splitlines()[-1])["exit_code"] == 75
+        assert "pw-not-shown" not in r.stdout + r.stderr

@@ -8,10 +8,11 @@ import threading
 import time
 
 import pytest
+from export_fixtures import make_config, world
 from psycopg import sql
 from train_fixtures import insert_run
 
-from jobs import db, export, runs
+from jobs import db, dbt_runner, export, runs
 from jobs.errors import TransientError
 
 ADVISORY_BACKENDS = (
@@ -112,3 +113,67 @@ def test_a_lock_is_checked_in_pg_locks_not_by_a_live_connection_alone(cfg):
         with pytest.raises(TransientError, match="no longer shows it granted") as info:
             db.check_locks()
         assert "ml_schema=airatings/train/7" in str(info.value)
+
+
+@pytest.fixture(scope="module")
+def built(pg_server, tmp_path_factory):
+    """A seeded world with its marts built, for the DuckDB read tests."""
+    with world(pg_server, tmp_path_factory.mktemp("lostworld"), snapshots=40) as (cfg, _):
+        dbt_runner.build(cfg)
+        yield cfg
+
+
+def _lock_marts(holder, cfg) -> None:
+    holder.execute(
+        sql.SQL("lock table {}.fct_dataset_splits in access exclusive mode").format(
+            sql.Identifier(cfg.database.dbt_schema)
+        )
+    )
+
+
+def test_database_lost_during_the_duckdb_read_is_transient(built):
+    """DuckDB's session is terminated while it reads the marts (held up by a lock so that the
+    kill lands mid-read, not between reads, where postgres_scanner reconnects): exit 75."""
+    cfg = built
+    assert export.read_snapshot(cfg)[0].num_rows > 0  # the read works
+
+    def kill_the_waiting_reader() -> None:
+        with db.connect(cfg, autocommit=True) as admin:
+            while not admin.execute(
+                "select pg_terminate_backend(pid) from pg_stat_activity"
+                " where datname = current_database() and wait_event_type = 'Lock'"
+            ).fetchall():
+                time.sleep(0.01)
+
+    with db.connect(cfg) as holder:
+        _lock_marts(holder, cfg)
+        killer = threading.Thread(target=kill_the_waiting_reader)
+        killer.start()
+        try:
+            with pytest.raises(TransientError, match="through DuckDB: the database failed") as info:
+                export.read_snapshot(cfg)
+        finally:
+            killer.join()
+    assert info.value.exit_code == 75
+    assert export.read_snapshot(cfg)[0].num_rows > 0  # and a re-run reads again
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        ({"database__lock_timeout_s": 0.2}, "database.lock_timeout_s"),
+        (
+            {"database__lock_timeout_s": 0, "database__statement_timeout_s": 0.2},
+            "database.statement_timeout_s",
+        ),
+    ],
+)
+def test_duckdb_read_stuck_on_a_lock_is_cancelled_and_transient(built, tmp_path, overrides, named):
+    """Nothing waits forever: the read blocked behind an exclusive lock (a migration, a
+    VACUUM FULL) is cancelled by the configured timeout and exits 75 naming the key."""
+    cfg = make_config(built.database.url, tmp_path, **overrides)
+    with db.connect(cfg) as holder:
+        _lock_marts(holder, cfg)
+        with pytest.raises(TransientError, match=named) as info:
+            export.read_snapshot(cfg)
+    assert info.value.exit_code == 75
