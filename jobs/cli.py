@@ -88,18 +88,20 @@ def run_job(job: str, target: str, config: Path, as_json: bool, **kwargs: Any) -
         summary = getattr(module, func_name)(cfg, **kwargs) or {}
         summary.setdefault("status", "done")
         summary.setdefault("seconds", round(time.monotonic() - started, 3))
+        summary = logs.scrub(summary)  # no password in any DSN form (RELIABILITY 32)
         log.info(
             "job_finished", **{k: v for k, v in summary.items() if not isinstance(v, dict | list)}
         )
         _print_summary(job, summary, as_json)
     except JobError as exc:
         code = exc.exit_code
-        log.error("job_failed", error=str(exc), exit_code=code, kind=type(exc).__name__)
+        err = logs.scrub(str(exc))
+        log.error("job_failed", error=err, exit_code=code, kind=type(exc).__name__)
         if as_json:
             sys.stdout.write(
-                json.dumps({"status": "failed", "error": str(exc), "exit_code": code}) + "\n"
+                json.dumps({"status": "failed", "error": err, "exit_code": code}) + "\n"
             )
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {err}", file=sys.stderr)
     except KeyboardInterrupt:
         code = EXIT_TRANSIENT
         print("error: interrupted; nothing half-written was kept, safe to re-run", file=sys.stderr)
@@ -118,8 +120,12 @@ def run_job(job: str, target: str, config: Path, as_json: bool, **kwargs: Any) -
 
             lost = isinstance(exc, duckdb.Error) and duckdb_connection_lost(exc)
         if not lost:
-            raise
+            # A bug: its traceback, any password masked, and exit 1 as for an uncaught error.
+            import traceback
 
+            sys.stderr.write(logs.scrub(traceback.format_exc()))
+            code = 1
+            raise typer.Exit(code) from None
         code = EXIT_TRANSIENT
         msg = "database unavailable: " + " ".join(redact(str(exc)).split())
         log.error("job_failed", error=msg, exit_code=code, kind=type(exc).__name__)

@@ -19,9 +19,10 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 from jobs.errors import InputError, TransientError
-from jobs.logs import get_logger
+from jobs.logs import get_logger, register_secret, scrub_secrets
 
 if TYPE_CHECKING:
     import psycopg
@@ -102,8 +103,10 @@ def stop_embedded(pgdata: Path) -> bool:
 
 
 def database_url(cfg: Config, *, start: bool = True) -> str:
-    """The DSN jobs use: ``database.url`` if set, else the embedded server (started if asked)."""
+    """The DSN jobs use: ``database.url`` if set, else the embedded server (started if asked).
+    Its password is registered as a secret (never logged, :func:`jobs.logs.register_secret`)."""
     if cfg.database.url:
+        _register_secrets(cfg.database.url)
         return cfg.database.url
     pgdata = _pg_dir(cfg)
     status = embedded_status(pgdata)
@@ -118,9 +121,33 @@ def database_url(cfg: Config, *, start: bool = True) -> str:
     return url
 
 
-def redact(url: str) -> str:
-    """The URL with any password replaced, for logs and provenance."""
-    return re.sub(r"(//[^:/@]+:)[^@]*@", r"\1***@", url)
+def redact(text: str) -> str:
+    """``text`` with every password replaced by ``***``, for logs, summaries and errors.
+
+    ``text`` may be a connection string in any form (URL userinfo ``postgresql://u:pw@h/db``,
+    query ``?password=pw``, key=value ``host=h password=pw`` or ``password='se cret'``) or any
+    message that embeds one (DuckDB quotes the whole conninfo in its errors). A whole
+    connection string is parsed by libpq's rules (psycopg ``conninfo_to_dict``), so however
+    its password is quoted or encoded, that value is masked; then the patterns and registered
+    secrets of :func:`jobs.logs.scrub_secrets` apply.
+    """
+    from psycopg.conninfo import conninfo_to_dict
+
+    password = None
+    with contextlib.suppress(Exception):  # not one connection string: the patterns still apply
+        password = conninfo_to_dict(text).get("password")
+    if password:
+        text = text.replace(password, "***").replace(quote(password, safe=""), "***")
+    return scrub_secrets(text)
+
+
+def _register_secrets(url: str) -> None:
+    """The URL's password and PGPASSWORD: masked wherever they appear in logs and errors."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    with contextlib.suppress(Exception):
+        register_secret(conninfo_to_dict(url).get("password"))
+    register_secret(os.environ.get("PGPASSWORD"))
 
 
 def socket_dir(url: str) -> str | None:
@@ -188,9 +215,18 @@ def _target(cfg_or_url: Config | str) -> tuple[str, DatabaseConfig]:
 
 
 def _conninfo(url: str, dbc: DatabaseConfig) -> str:
+    import psycopg
     from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-    params: dict[str, Any] = conninfo_to_dict(url)
+    try:
+        params: dict[str, Any] = conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        # libpq's message quotes a piece of the string (perhaps of the password): not shown
+        raise InputError(
+            "DATABASE_URL (database.url) is not a valid PostgreSQL connection string: use a "
+            "postgresql:// URL (percent-encode special characters) or key=value pairs (quote a "
+            "value with spaces: password='se cret'); PGPASSWORD keeps the password out of it"
+        ) from None
     ours: dict[str, Any] = {"connect_timeout": dbc.connect_timeout_s}
     if dbc.keepalives_idle_s:
         ours |= {

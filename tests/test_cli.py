@@ -156,14 +156,25 @@ def test_a_database_error_that_escapes_a_job_is_exit_75_in_one_line(
         run_job("lost", "lost_job:run", Path("configs/v2_baseline.yaml"), True)
     assert info.value.exit_code == 75
     out, err = capsys.readouterr()
-    assert "Traceback" not in err
+    assert "Traceback" not in err and "hunter2-x" not in out + err
     assert json.loads(out)["error"].startswith("database unavailable: ")
 
 
-def test_a_bug_still_shows_its_traceback(tmp_path, monkeypatch):
+def test_a_bug_still_shows_its_traceback_without_the_password(tmp_path, monkeypatch, capsys):
+    import sys
+
+    import typer
+
     from jobs.cli import run_job
 
-    (tmp_path / "buggy_job.py").write_text("def run(cfg):\n    raise KeyError('bug')\n")
+    (tmp_path / "buggy_job.py").write_text(
+        "def run(cfg):\n    raise KeyError('postgresql://u:hunter2-x@db/app')\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
-    with pytest.raises(KeyError):
+    monkeypatch.delitem(sys.modules, "buggy_job", raising=False)
+    with pytest.raises(typer.Exit) as info:
         run_job("buggy", "buggy_job:run", Path("configs/v2_baseline.yaml"), True)
+    assert info.value.exit_code == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "KeyError: 'postgresql://u:***@db/app'" in err
+    assert "hunter2-x" not in err

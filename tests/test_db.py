@@ -270,3 +270,48 @@ def test_statement_and_lock_timeouts_are_transient_and_named(make_cfg):
         named = r"database.lock_timeout_s \(0.1 s\)"
         with pytest.raises(TransientError, match=named), db.connect(cfg) as conn:
             conn.execute("select count(*) from airatings.model_training_runs")
+
+
+@pytest.mark.parametrize(
+    ("dsn", "secret"),
+    [
+        ("postgresql://u:s3cret-pw@db.example.com:5432/app", "s3cret-pw"),
+        ("postgres://u:p%40ss%2Fw0rd@h1:5432,h2:5433/app?sslmode=require", "p%40ss%2Fw0rd"),
+        ("postgresql://u@db/app?sslmode=require&password=s3cret-pw", "s3cret-pw"),
+        ("postgresql://u@db/app?password=s3cret-pw&sslmode=require", "s3cret-pw"),
+        ("host=db user=u password=s3cret-pw dbname=app", "s3cret-pw"),
+        ("host=db password='se cr3t' dbname=app", "se cr3t"),
+        ("host=db password = 'it\\'s secret' dbname=app", "s secret"),
+        ("password=s3cret-pw", "s3cret-pw"),
+    ],
+)
+def test_redact_masks_the_password_in_every_dsn_form(dsn, secret):
+    from psycopg.conninfo import conninfo_to_dict
+
+    out = db.redact(dsn)
+    assert secret not in out and "***" in out
+    assert conninfo_to_dict(dsn).get("password") not in out
+    # what is not secret stays readable
+    assert "db" in out or "h1" in out or out == "password=***"
+    # and the same inside a message, as DuckDB and libpq write them
+    msg = db.redact(f'IO Error: Unable to connect to Postgres at "{dsn}": connection refused')
+    assert secret not in msg and "connection refused" in msg
+
+
+def test_redact_leaves_a_dsn_without_password_alone():
+    for dsn in ("postgresql://u@db/app?sslmode=require", "host=db user=u dbname=app",
+                "postgresql://postgres:@/postgres?host=/tmp/x"):  # fmt: skip
+        assert db.redact(dsn) == dsn
+
+
+def test_an_unparsable_dsn_is_exit_2_without_a_piece_of_it(make_cfg):
+    from jobs.errors import InputError
+
+    cfg = make_cfg()
+    bad = cfg.model_copy(
+        update={"database": cfg.database.model_copy(update={"url": "host=db password=se cr3t"})}
+    )
+    invalid = "not a valid PostgreSQL connection string"
+    with pytest.raises(InputError, match=invalid) as info, db.connect(bad):
+        pass
+    assert "cr3t" not in str(info.value)

@@ -4,6 +4,7 @@ password reaches a log line, a summary or an error in any connection-string form
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -177,3 +178,87 @@ def test_duckdb_read_stuck_on_a_lock_is_cancelled_and_transient(built, tmp_path,
         with pytest.raises(TransientError, match=named) as info:
             export.read_snapshot(cfg)
     assert info.value.exit_code == 75
+
+
+def _dead_port() -> int:
+    import socket
+
+    with socket.socket() as s:  # bound, then released: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _dsn_forms(port: int) -> list[tuple[str, str]]:
+    """(DATABASE_URL, the password) in every connection-string form libpq takes."""
+    return [
+        (f"postgresql://u:Url-S3cret@127.0.0.1:{port}/db", "Url-S3cret"),
+        (f"postgresql://u:Pct%40S3cret@127.0.0.1:{port}/db", "Pct%40S3cret"),
+        (f"postgresql://u@127.0.0.1:{port}/db?password=Query-S3cret", "Query-S3cret"),
+        (f"host=127.0.0.1 port={port} user=u password=Kv-S3cret dbname=db", "Kv-S3cret"),
+        (f"host=127.0.0.1 port={port} user=u password='Quoted S3cret' dbname=db", "S3cret"),
+    ]
+
+
+@pytest.mark.parametrize("form", range(5))
+def test_no_password_in_output_for_any_dsn_form(tmp_path, form):
+    """RELIABILITY 32 through the real CLI: the export fails fast against a dead server, the
+    summary of `db start` echoes the (redacted) URL; the password is in neither stream."""
+    import os
+    import subprocess
+
+    from conftest import AIRATINGS
+
+    dsn, secret = _dsn_forms(_dead_port())[form]
+    env = {
+        **os.environ,
+        "DATABASE_URL": dsn,
+        "AIR_DATA_DIR": str(tmp_path / "data"),
+        "AIR_ARTIFACTS_DIR": str(tmp_path / "art"),
+        "AIR_LOG_LEVEL": "DEBUG",
+    }
+    for args, code in ((["export", "--json"], 75), (["db", "start", "--json"], 0)):
+        r = subprocess.run(
+            [AIRATINGS, *args], capture_output=True, text=True, env=env, timeout=120
+        )
+        assert r.returncode == code, r.stderr
+        assert secret not in r.stdout and secret not in r.stderr, args
+        assert "S3cret" not in r.stdout + r.stderr, args
+        assert "Traceback" not in r.stderr
+    assert "***" in r.stdout  # db start: the URL is shown, redacted
+
+
+@pytest.mark.parametrize("form", range(5))
+def test_duckdb_errors_quote_the_dsn_redacted(make_cfg, form):
+    """DuckDB's postgres_scanner quotes the whole conninfo in its errors."""
+    dsn, secret = _dsn_forms(_dead_port())[form]
+    cfg = make_cfg()
+    cfg = cfg.model_copy(update={"database": cfg.database.model_copy(update={"url": dsn})})
+    with pytest.raises(TransientError, match="DuckDB could not attach") as info:
+        export.duckdb_connect(cfg)
+    assert "S3cret" not in str(info.value)
+    assert "Connection refused" in str(info.value)
+
+
+def test_log_events_are_scrubbed_of_passwords(capsys):
+    """The structlog processor: every string value, nested data and the rendered traceback."""
+    from jobs import logs
+
+    logs.configure(json_logs=True)
+    log = logs.get_logger()
+    logs.register_secret("Registered-S3cret")
+    try:
+        raise RuntimeError("connect to postgresql://u:Tb-S3cret@h/db failed")
+    except RuntimeError:
+        log.exception(
+            "something_failed",
+            url="postgresql://u:Url-S3cret@h/db",
+            nested={"dsn": ["host=h password='Kv S3cret'"], "q": "h/db?password=Q-S3cret"},
+            note="the password is Registered-S3cret",
+            err=ValueError("host=h password=Exc-S3cret"),
+        )
+    err = capsys.readouterr().err
+    event = json.loads(err.strip().splitlines()[-1])
+    assert "S3cret" not in err
+    assert event["url"] == "postgresql://u:***@h/db"
+    assert event["nested"]["dsn"] == ["host=h password=***"]
+    assert "RuntimeError: connect to postgresql://u:***@h/db failed" in event["exception"]
