@@ -22,6 +22,11 @@ Too few rows for a metric gives ``status: insufficient_data`` and no value. Writ
 ``metrics.json`` and a self-contained ``report.html`` under the run directory, upserts rows in
 ``model_evaluations`` and moves the run to ``evaluated``.
 
+"Already done" is checked, not assumed (:func:`already_evaluated`): a run whose recorded
+evaluation has the same inputs (config, checkpoint and test manifest bytes, compared models),
+whose metrics.json and report.html still have the sha256s it recorded and whose rows are all
+in ``model_evaluations`` exits 0 with ``already_done``; anything else is evaluated again.
+
 Images: the cached training-size copies (``train_image_path``), preprocessed exactly like
 training's validation (``jobs.images.preprocess``: full frame, bilinear, no crop).
 """
@@ -29,6 +34,7 @@ training's validation (``jobs.images.preprocess``: full frame, bilinear, no crop
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import math
 import time
@@ -40,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from jobs import db, logs, runs
-from jobs.artifacts import atomic_write_text
+from jobs.artifacts import atomic_write_text, sha256_file
 from jobs.errors import InputError
 
 if TYPE_CHECKING:
@@ -346,6 +352,69 @@ def production_version(cfg: Config, conn: psycopg.Connection) -> tuple[str | Non
     return str(row[0]), "ok"
 
 
+# ---- "already done", checked ---------------------------------------------------------------
+
+# Bump when the evaluation itself changes (metrics, report): older results are then redone.
+EVALUATION_FORMAT = 1
+
+
+def evaluation_key(cfg: Config, the_run: runs.Run, best: Path, test_path: Path) -> str:
+    """sha256 of everything an evaluation's numbers depend on: the evaluate config and the
+    good threshold, the checkpoint's and the test manifest's bytes, the dataset, the compared
+    run's checkpoint and the production version."""
+    parts: dict[str, Any] = {
+        "format": EVALUATION_FORMAT,
+        "evaluate": cfg.evaluate.model_dump(mode="json"),
+        "good_threshold": cfg.dataset.good_threshold,
+        "dataset_hash": the_run.dataset_hash,
+        "checkpoint_sha256": sha256_file(best),
+        "test_manifest_sha256": sha256_file(test_path),
+    }
+    with db.connect(cfg, autocommit=True) as conn:
+        if cfg.evaluate.compare_to:
+            other = _other_checkpoint(cfg, conn, cfg.evaluate.compare_to)
+            parts["compare_to_sha256"] = sha256_file(other)
+        parts["production"] = production_version(cfg, conn)[0]
+    blob = json.dumps(parts, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def already_evaluated(
+    cfg: Config, the_run: runs.Run, out_dir: Path, key: str
+) -> tuple[dict[str, Any] | None, str]:
+    """``(summary, "")`` when the run's recorded evaluation still stands: status at least
+    ``evaluated``, made from the same inputs (:func:`evaluation_key`), metrics.json and
+    report.html present with the sha256s it recorded, and its model_evaluations rows all
+    there. Otherwise ``(None, why)``: the caller evaluates again (RELIABILITY 30), never a
+    dead end."""
+    from psycopg import sql
+
+    rec = the_run.params.get("evaluate") or {}
+    if not the_run.reached("evaluated") or not rec:
+        return None, "not evaluated yet"
+    if rec.get("evaluation_key") != key:
+        return None, "its inputs changed (config, checkpoint, test split or a compared model)"
+    for name, sha_key in (("metrics.json", "metrics_sha256"), ("report.html", "report_sha256")):
+        path = out_dir / name
+        if not path.is_file():
+            return None, f"{path} is missing"
+        if sha256_file(path) != rec.get(sha_key):
+            return None, f"{path} changed since the evaluation wrote it"
+    with db.connect(cfg, autocommit=True) as conn:
+        (n,) = conn.execute(
+            sql.SQL("select count(*) from {} where model_version = %s and split = %s").format(
+                runs.table(cfg, "model_evaluations")
+            ),
+            (the_run.model_version, SPLIT),
+        ).fetchone()
+    if n != rec.get("db_rows"):
+        return (
+            None,
+            f"model_evaluations holds {n} rows for it, the evaluation wrote {rec.get('db_rows')}",
+        )
+    return {**rec, "status": "already_done"}, ""
+
+
 # ---- main ----------------------------------------------------------------------------------
 
 
@@ -377,6 +446,13 @@ def run(cfg: Config, run: str | int = "latest") -> dict[str, Any]:
         test_path = active / f"manifest_{SPLIT}.parquet"
         if not test_path.is_file():
             raise InputError(f"{test_path} is missing: run 'airatings cache' first")
+        key = evaluation_key(cfg, the_run, best, test_path)
+        done, why = already_evaluated(cfg, the_run, out_dir, key)
+        if done is not None:
+            log.info("evaluate_already_done", report=done.get("report_html"))
+            return done | {"seconds": round(time.monotonic() - started, 3)}
+        if the_run.reached("evaluated"):
+            log.info("evaluation_redone", reason=why)
         tbl = pq.read_table(test_path).to_pydict()
         y = np.asarray(tbl["label_value"], dtype=np.float64)
         paths = [cfg.artifacts_dir / p for p in tbl["train_image_path"]]
@@ -470,10 +546,16 @@ def run(cfg: Config, run: str | int = "latest") -> dict[str, Any]:
         )
 
         rows = evaluation_rows(result)
+        summary = summary_of(result, metrics_path, report_path, len(rows))
+        # what a later run checks before it trusts this one (already_evaluated)
+        summary |= {
+            "evaluation_key": key,
+            "metrics_sha256": sha256_file(metrics_path),
+            "report_sha256": sha256_file(report_path),
+        }
         with db.connect(cfg) as conn, conn.transaction():
             db.check_locks()  # set_status checks again right before the final update
             write_rows(conn, cfg, the_run, rows)
-            summary = summary_of(result, metrics_path, report_path, len(rows))
             runs.set_status(conn, cfg, the_run.id, "evaluated", step="evaluate", summary=summary)
         summary["seconds"] = round(time.monotonic() - started, 3)
         log.info(

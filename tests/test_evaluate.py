@@ -214,3 +214,52 @@ def test_evaluate_whose_lock_was_lost_exits_75_and_writes_no_result(make_cfg, mo
     assert run_status(cfg, world["run_id"])[0] == "trained"
     assert _db_rows(cfg, world["model_version"]) == []
     assert not (cfg.artifacts_dir / "runs" / world["model_version"] / "metrics.json").exists()
+
+
+def test_already_evaluated_is_checked_against_its_files_rows_and_inputs(make_cfg):
+    """RELIABILITY 30 for evaluate: "evaluated" is trusted only while metrics.json and
+    report.html are the files it wrote, its rows are there and its inputs are the same;
+    otherwise the run is evaluated again (never an exit-2 dead end)."""
+    cfg = make_cfg(**FAST, evaluate__bootstrap_samples=50)
+    db.migrate(cfg)
+    world = make_world(cfg, n=120)
+    jobs.train.run(cfg)
+    version = world["model_version"]
+    run_dir = cfg.artifacts_dir / "runs" / version
+    first = E.run(cfg)
+    assert first["status"] == "evaluated"
+    metrics, report = (run_dir / "metrics.json").read_text(), (run_dir / "report.html").read_text()
+    rows = _db_rows(cfg, version)
+
+    again = E.run(cfg)
+    assert again["status"] == "already_done" and again["mae"] == first["mae"]
+
+    (run_dir / "report.html").unlink()
+    out = E.run(cfg)
+    assert out["status"] == "evaluated" and (run_dir / "report.html").read_text() == report
+
+    (run_dir / "metrics.json").write_text(metrics.replace('"n": ', '"n": 1'))
+    assert E.run(cfg)["status"] == "evaluated"
+    assert (run_dir / "metrics.json").read_text() == metrics  # the seeded numbers, rewritten
+
+    with db.connect(cfg) as conn:
+        conn.execute(
+            sql.SQL("delete from {} where model_version = %s and slice <> 'all'").format(
+                table(cfg, "model_evaluations")
+            ),
+            (version,),
+        )
+    assert E.run(cfg)["status"] == "evaluated"
+    assert _db_rows(cfg, version) == rows
+    assert E.run(cfg)["status"] == "already_done"
+
+    # another evaluate setting, or another checkpoint, is another evaluation
+    other = make_cfg(**FAST, evaluate__bootstrap_samples=60)
+    assert E.run(other)["status"] == "evaluated"
+    assert E.run(other)["status"] == "already_done"
+    import torch
+
+    ckpt = torch.load(run_dir / "best.pt", weights_only=True)
+    torch.save({**ckpt, "note": "another checkpoint"}, run_dir / "best.pt")
+    assert E.run(other)["status"] == "evaluated"
+    assert run_status(cfg, world["run_id"])[0] == "evaluated"
