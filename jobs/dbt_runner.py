@@ -32,6 +32,8 @@ log = get_logger()
 PROJECT_DIR = Path(__file__).resolve().parents[1] / "dbt"
 # What the export needs: the split mart and everything upstream of it, with their tests.
 TRAINING_SELECTION = "+fct_dataset_splits"
+# every model of the project (what a release and the demo build: docs and tests see them all)
+PROJECT_SELECTION = "airatings"
 
 _IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 _SCHEME = re.compile(r"^[a-z][a-z0-9+.-]{0,15}$")

@@ -534,10 +534,16 @@ def _check_migrated(cfg: Config) -> None:
 # ---- the job -----------------------------------------------------------------------------
 
 
-def run(cfg: Config, csv: bool | None = None, notes: str | None = None) -> dict[str, Any]:
-    """Build and test dbt, then export (see the module docstring). Returns the summary."""
+def run(
+    cfg: Config,
+    csv: bool | None = None,
+    notes: str | None = None,
+    select: str | None = None,
+) -> dict[str, Any]:
+    """Build and test dbt (``select``: the training selection by default; a release builds the
+    whole project), then export (see the module docstring). Returns the summary."""
     dbt_runner.checked_vars(cfg)
-    with db.job_lock(cfg, "export", cfg.database.ml_schema) as held:
+    with db.job_lock(cfg, "export") as held:
         if not held:
             log.info("export_skipped", reason="another export holds the lock")
             return {
@@ -549,7 +555,7 @@ def run(cfg: Config, csv: bool | None = None, notes: str | None = None) -> dict[
         # The dbt lock is held from the build until the marts are read: another `dbt run`
         # (which takes the same lock) cannot swap in tables this export's tests did not pass.
         with dbt_runner.relations_lock(cfg):
-            built = dbt_runner.build(cfg, dbt_runner.TRAINING_SELECTION, lock=False)
+            built = dbt_runner.build(cfg, select or dbt_runner.TRAINING_SELECTION, lock=False)
             built["seconds"] = round(time.monotonic() - started, 3)
             snapshot = read_snapshot(cfg)
         return export_dataset(
@@ -623,6 +629,7 @@ def export_dataset(
         "exported_at": datetime.now(UTC).isoformat(),
     }
     with db.connect(cfg) as conn, conn.transaction():
+        db.check_locks()  # still the only exporter: never commit beside a twin (exit 75)
         run_id = conn.execute(
             sql.SQL(
                 "insert into {}"

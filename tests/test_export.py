@@ -397,3 +397,22 @@ def test_export_reads_the_marts_under_the_dbt_lock_it_built_them_with(exported, 
         export.run(cfg)
     assert seen == {"build_lock_free": False, "build_kw": {"lock": False}, "read_lock_free": False}
     assert lock_free()
+
+
+def test_export_whose_lock_died_commits_nothing(exported):
+    """The export lock's backend killed before the final transaction (a server restart, a
+    network cut): a twin may be exporting, so the run row and labels are not written (75)."""
+    from jobs.errors import TransientError
+
+    cfg, _, _ = exported
+    snapshot = export.read_snapshot(cfg)
+    before = _q(cfg, "select count(*) from airatings.model_training_runs")[0][0]
+    with db.job_lock(cfg, "export") as held:
+        assert held
+        (lock,) = db.held_locks()
+        _q(cfg, "select pg_terminate_backend(%s)", (lock.pid,))
+        with pytest.raises(TransientError, match="lost the advisory lock"):
+            # a changed config, so this is a new run (not the existing one reused)
+            other = make_config(cfg.database.url, cfg.paths.artifacts_dir.parent, train__epochs=2)
+            export.export_dataset(other, snapshot=snapshot)
+    assert _q(cfg, "select count(*) from airatings.model_training_runs")[0][0] == before
