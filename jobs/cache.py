@@ -31,7 +31,7 @@ import os
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -250,23 +250,23 @@ _EXTS = ("jpg", "png", "webp", "gif")  # the stored extensions (migration 0010's
 
 
 class UrlResults:
-    """Each URL's outcome in a few flat arrays indexed like ``urls``: about 80 bytes a URL and
-    no Python object per URL, so 200k URLs cost megabytes, not a dict of dataclasses
-    (RELIABILITY.md 33). ``table()`` builds the shard output from them."""
+    """Each URL's outcome in a few flat arrays indexed like ``urls``: 42 bytes a URL and no
+    Python object per URL, so 200k URLs cost 8 MB, not a dict of dataclasses (RELIABILITY.md
+    33). ``batches()`` builds the shard output from them."""
 
     def __init__(self, urls: Sequence[str]) -> None:
         from array import array
 
         n = len(urls)
         self.urls = urls
-        self.sha = bytearray(64 * n)  # hex sha256, ASCII
+        self.sha = bytearray(32 * n)  # sha256 digests
         self.has_sha = bytearray(n)
         self.ext = bytearray(n)  # 0: none, else 1 + index into _EXTS
         self.reason = array("H", bytes(2 * n))  # 0: none, else 1 + index into self.reasons
         self.reasons: list[str] = []
         self._reason_ids: dict[str, int] = {}
         self.attempts = bytearray(n)
-        self.nbytes = array("q", bytes(8 * n))
+        self.nbytes = array("I", bytes(4 * n))  # capped at 4 GiB (bodies are far smaller)
         self.from_index = bytearray(n)
 
     def __len__(self) -> int:
@@ -275,12 +275,12 @@ class UrlResults:
     def ok(
         self, i: int, sha: str, ext: str, *, attempts: int = 0, nbytes: int = 0, from_index: bool
     ) -> None:
-        self.sha[64 * i : 64 * i + 64] = sha.encode("ascii")
+        self.sha[32 * i : 32 * i + 32] = bytes.fromhex(sha)
         self.has_sha[i] = 1
         self.ext[i] = 1 + _EXTS.index(ext)
         self.reason[i] = 0
         self.attempts[i] = min(attempts, 255)
-        self.nbytes[i] = nbytes
+        self.nbytes[i] = min(nbytes, 0xFFFFFFFF)
         self.from_index[i] = from_index
 
     def fail(self, i: int, reason: str, *, attempts: int = 0, nbytes: int = 0) -> None:
@@ -291,46 +291,119 @@ class UrlResults:
         self.has_sha[i] = self.ext[i] = self.from_index[i] = 0
         self.reason[i] = code
         self.attempts[i] = min(attempts, 255)
-        self.nbytes[i] = nbytes
+        self.nbytes[i] = min(nbytes, 0xFFFFFFFF)
 
     def failure_counts(self) -> Counter[str]:
         counts = Counter(self.reason)
         return Counter({self.reasons[code - 1]: k for code, k in counts.items() if code})
 
-    def table(self) -> pa.Table:
-        """The shard output, sorted by URL (columns url, image_sha256, ext, reason, attempts,
-        bytes, from_index), built from the arrays without a per-URL Python object."""
+    def order(self) -> Any:
+        """Row positions in URL order (the shard file is sorted by URL); the job's URL lists
+        are sorted already, then this costs one pass and no copy."""
+        import itertools
+
+        import numpy as np
+
+        if all(a <= b for a, b in itertools.pairwise(self.urls)):
+            return None
+        return np.argsort(np.array(self.urls, dtype=object), kind="stable")
+
+    def batches(self, rows: int = 16_384) -> Iterator[pa.RecordBatch]:
+        """The shard output in URL order (columns url, image_sha256, ext, reason, attempts,
+        bytes, from_index), ``rows`` at a time, built from the arrays without a per-URL Python
+        object: writing it never holds more than one batch besides the arrays."""
         import numpy as np
         import pyarrow as pa
         import pyarrow.compute as pc
 
         n = len(self.urls)
-        valid = np.frombuffer(self.has_sha, dtype=np.uint8).astype(bool)
-        sha = pa.Array.from_buffers(
-            pa.string(),
-            n,
-            [
-                pa.py_buffer(np.packbits(valid, bitorder="little")),
-                pa.py_buffer(np.arange(0, 64 * n + 1, 64, dtype=np.int32)),
-                pa.py_buffer(self.sha),
-            ],
-        )
+        order = self.order()
+        sha = np.frombuffer(self.sha, dtype=np.uint8).reshape(n, 32)
+        hex_digits = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
+        columns = {
+            "has_sha": np.frombuffer(self.has_sha, dtype=np.uint8),
+            "ext": np.frombuffer(self.ext, dtype=np.uint8),
+            "reason": np.frombuffer(self.reason, dtype=np.uint16),
+            "attempts": np.frombuffer(self.attempts, dtype=np.uint8),
+            "bytes": np.frombuffer(self.nbytes, dtype=np.uint32),
+            "from_index": np.frombuffer(self.from_index, dtype=np.uint8),
+        }
+        ext_names = pa.array([None, *_EXTS], pa.string())
+        reason_names = pa.array([None, *self.reasons], pa.string())
+        for start in range(0, n, rows):
+            if order is None:
+                idx = slice(start, min(n, start + rows))
+                urls = self.urls[idx]
+            else:
+                idx = order[start : start + rows]
+                urls = [self.urls[i] for i in idx]
+            col = {k: v[idx] for k, v in columns.items()}
+            m = len(urls)
+            valid = col["has_sha"].astype(bool)
+            raw = sha[idx]
+            hexed = np.empty((m, 64), dtype=np.uint8)
+            hexed[:, 0::2] = hex_digits[raw >> 4]
+            hexed[:, 1::2] = hex_digits[raw & 15]
+            digest = pa.Array.from_buffers(
+                pa.string(),
+                m,
+                [
+                    pa.py_buffer(np.packbits(valid, bitorder="little")),
+                    pa.py_buffer(np.arange(0, 64 * m + 1, 64, dtype=np.int32)),
+                    pa.py_buffer(hexed),
+                ],
+            )
+            yield pa.record_batch(
+                {
+                    "url": pa.array(urls, pa.string()),
+                    "image_sha256": digest,
+                    "ext": pc.take(ext_names, pa.array(col["ext"])),
+                    "reason": pc.take(reason_names, pa.array(col["reason"])),
+                    "attempts": pa.array(col["attempts"].astype(np.int32)),
+                    "bytes": pa.array(col["bytes"].astype(np.int64)),
+                    "from_index": pa.array(col["from_index"].astype(bool)),
+                }
+            )
 
-        def coded(codes: np.ndarray, names: Sequence[str]) -> pa.Array:
-            return pc.take(pa.array([None, *names], pa.string()), pa.array(codes))
+    def table(self) -> pa.Table:
+        import pyarrow as pa
 
-        table = pa.table(
-            {
-                "url": pa.array(self.urls, pa.string()),
-                "image_sha256": sha,
-                "ext": coded(np.frombuffer(self.ext, dtype=np.uint8), _EXTS),
-                "reason": coded(np.frombuffer(self.reason, dtype=np.uint16), self.reasons),
-                "attempts": pa.array(np.frombuffer(self.attempts, dtype=np.uint8)).cast(pa.int32()),
-                "bytes": pa.array(np.frombuffer(self.nbytes, dtype=np.int64)),
-                "from_index": pa.array(np.frombuffer(self.from_index, dtype=np.uint8).astype(bool)),
-            }
-        )
-        return table.take(pc.sort_indices(table, [("url", "ascending")]))
+        return pa.Table.from_batches(list(self.batches()), schema=results_schema())
+
+    def write_parquet(self, final: Path) -> None:
+        """The shard file, atomically, one row group per batch."""
+        import pyarrow.parquet as pq
+
+        def check(p: Path) -> None:
+            meta = pq.read_metadata(p)  # a footerless file raises here
+            if meta.num_rows != len(self):
+                raise InputError(f"{final}: wrote {meta.num_rows} rows, expected {len(self)}")
+
+        # Dictionary pages only for the few-valued columns: URLs and hashes are all distinct,
+        # and a dictionary being built for them would cost more memory than the batch itself.
+        with (
+            atomic_path(final, check=check) as tmp,
+            pq.ParquetWriter(tmp, results_schema(), use_dictionary=["ext", "reason"]) as w,
+        ):
+            for batch in self.batches():
+                w.write_batch(batch)
+
+
+def results_schema() -> pa.Schema:
+    """The shard output's columns (one row per distinct URL of the shard)."""
+    import pyarrow as pa
+
+    return pa.schema(
+        [
+            ("url", pa.string()),
+            ("image_sha256", pa.string()),
+            ("ext", pa.string()),
+            ("reason", pa.string()),
+            ("attempts", pa.int32()),
+            ("bytes", pa.int64()),
+            ("from_index", pa.bool_()),
+        ]
+    )
 
 
 @dataclass
@@ -1058,7 +1131,7 @@ def run(
                 cache_urls(cfg, urls, index=ImageIndex(cfg, conn), fetcher=fetcher)
             )
         out = shard_path(cfg, r.model_version, i, n)
-        _write_parquet(results.table(), out)
+        results.write_parquet(out)
         failed = results.failure_counts()
         shard_summary = {
             **stats,

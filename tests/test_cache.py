@@ -460,7 +460,10 @@ def test_cache_runs_a_fixed_set_of_workers_not_a_task_per_url(ccfg, server: Serv
     assert 5 <= most <= 4 + 10  # the workers, the producer, this test's and aiohttp's own
     assert isinstance(results, cache.UrlResults) and results.failure_counts() == {"http_404": 1}
     table = results.table()
-    assert table.column("url").to_pylist() == sorted(urls)
+    assert table.column("url").to_pylist() == sorted(urls)  # the input was not sorted
+    import pyarrow as pa
+
+    assert pa.Table.from_batches(list(results.batches(rows=64))).equals(table)
     assert table.column("image_sha256").null_count == 1
     assert table.column("reason").to_pylist().count("http_404") == 1
 
