@@ -192,13 +192,13 @@ def demo_seed(
     seed: Annotated[int | None, typer.Option(help="World seed (default: demo.seed).")] = None,
 ) -> None:
     """Create the app's tables (if absent) and fill them with a deterministic synthetic world."""
-    run_job("demo-seed", "jobs.demo:seed", config, json_, snapshots=snapshots, seed=seed)
+    run_job("demo-seed", "jobs.demo.seed:seed", config, json_, snapshots=snapshots, seed=seed)
 
 
 @demo_app.command("run")
 def demo_run(config: ConfigOpt = Path("configs/demo.yaml"), json_: JsonOpt = False) -> None:
     """The whole demo lifecycle on the embedded defaults (what `just demo` runs)."""
-    run_job("demo", "jobs.demo.lifecycle:run", config, json_)
+    run_job("demo", "jobs.release:demo", config, json_)
 
 
 # ---- dataset -----------------------------------------------------------------------------
@@ -287,9 +287,19 @@ def register(
 
 
 @app.command("release")
-def release(config: ConfigOpt = DEFAULT_CONFIG, json_: JsonOpt = False) -> None:
-    """Run every lifecycle step in order, resumable from the run's status ([5/8])."""
-    run_job("release", "jobs.release:run", config, json_)
+def release(
+    config: ConfigOpt = DEFAULT_CONFIG,
+    json_: JsonOpt = False,
+    new: Annotated[
+        bool, typer.Option("--new", help="Export a new run even if an unfinished one exists.")
+    ] = False,
+    notes: Annotated[
+        str | None, typer.Option("--notes", help="Free text kept on a new run.")
+    ] = None,
+) -> None:
+    """Run the lifecycle in order (migrate, export, cache, train, evaluate); resumes the latest
+    unfinished run from its status."""
+    run_job("release", "jobs.release:run", config, json_, new=new, notes=notes)
 
 
 @app.command("score")

@@ -34,10 +34,6 @@ log = get_logger()
 # ---- embedded server -------------------------------------------------------------------
 
 
-def _pg_dir(cfg: Config) -> Path:
-    return cfg.data_dir / "pg"
-
-
 def _quiet_platformdirs() -> None:
     os.environ.setdefault("XDG_RUNTIME_DIR", f"/tmp/runtime-{os.getuid()}")
     runtime = Path(os.environ["XDG_RUNTIME_DIR"])
@@ -108,7 +104,9 @@ def database_url(cfg: Config, *, start: bool = True) -> str:
     if cfg.database.url:
         _register_secrets(cfg.database.url)
         return cfg.database.url
-    pgdata = _pg_dir(cfg)
+    from jobs import paths
+
+    pgdata = paths.of(cfg).pgdata
     status = embedded_status(pgdata)
     if status["running"]:
         return status["url"]

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 from psycopg import sql
 
-from jobs import db
+from jobs import db, paths
 from jobs.runs import table
 
 if TYPE_CHECKING:
@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 def start(cfg: Config) -> dict[str, Any]:
     if cfg.database.url:
         return {"status": "external", "url": db.redact(cfg.database.url)}
-    pgdata = cfg.data_dir / "pg"
+    pgdata = paths.of(cfg).pgdata
     before = db.embedded_status(pgdata)
     url = db.start_embedded(pgdata)
     return {
@@ -30,8 +30,11 @@ def start(cfg: Config) -> dict[str, Any]:
 def stop(cfg: Config) -> dict[str, Any]:
     if cfg.database.url:
         return {"status": "external", "detail": "DATABASE_URL is set: nothing embedded to stop"}
-    stopped = db.stop_embedded(cfg.data_dir / "pg")
-    return {"status": "stopped" if stopped else "not_running", "data_dir": str(cfg.data_dir / "pg")}
+    stopped = db.stop_embedded(paths.of(cfg).pgdata)
+    return {
+        "status": "stopped" if stopped else "not_running",
+        "data_dir": str(paths.of(cfg).pgdata),
+    }
 
 
 def status(cfg: Config) -> dict[str, Any]:
@@ -41,7 +44,7 @@ def status(cfg: Config) -> dict[str, Any]:
         out["url"] = db.redact(cfg.database.url)
     else:
         out["mode"] = "embedded"
-        out.update(db.embedded_status(cfg.data_dir / "pg"))
+        out.update(db.embedded_status(paths.of(cfg).pgdata))
         if not out["running"]:
             out["status"] = "not_running"
             return out

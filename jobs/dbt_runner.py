@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from jobs import paths
 from jobs.errors import ConfigError, InputError, JobError, TransientError
 from jobs.logs import get_logger
 
@@ -56,11 +57,11 @@ def project_dir() -> Path:
 
 
 def target_path(cfg: Config) -> Path:
-    return cfg.data_dir / "dbt" / "target"
+    return paths.of(cfg).dbt_target
 
 
 def log_path(cfg: Config) -> Path:
-    return cfg.data_dir / "dbt" / "logs"
+    return paths.of(cfg).dbt_logs
 
 
 def checked_vars(cfg: Config) -> dict[str, Any]:

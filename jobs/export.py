@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from psycopg import sql
 
-from jobs import artifacts, db, dbt_runner, runs
+from jobs import artifacts, db, dbt_runner, paths, runs
 from jobs.errors import InputError, TransientError
 from jobs.logs import bind, get_logger
 
@@ -124,7 +124,7 @@ def duckdb_connect(cfg: Config) -> Any:
     import duckdb
     import duckdb_extensions
 
-    ext_dir = cfg.data_dir / "duckdb" / "extensions"
+    ext_dir = paths.of(cfg).duckdb_extensions
     ext_dir.mkdir(parents=True, exist_ok=True)
     url = db.database_url(cfg)
     # libpq conninfo: keepalives, statement and lock timeouts like every job connection
@@ -343,10 +343,11 @@ def write_dataset(
 
     A file already there whose sha256 matches the record is kept; anything else is rewritten.
     """
-    ddir = runs.dataset_dir(cfg, digest)
+    layout = paths.of(cfg).dataset(digest)
+    ddir = layout.root
     ddir.mkdir(parents=True, exist_ok=True)
     artifacts.sweep_temp(ddir)
-    record_path = ddir / "dataset.json"
+    record_path = layout.record
     parts = _split_tables(table)
     record: dict[str, Any] | None = None
     if record_path.exists():
@@ -360,7 +361,7 @@ def write_dataset(
 
     def write_one(job: tuple[str, str]) -> tuple[str, dict[str, Any], bool]:
         name, fmt = job
-        part, final = parts[name], ddir / f"manifest_{name}.{fmt}"
+        part, final = parts[name], layout.manifest(name, fmt)
         known = known_files.get(final.name)
         sha = artifacts.sha256_file(final) if known and final.exists() else None
         wrote = sha is None or sha != known["sha256"]

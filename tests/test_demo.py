@@ -23,8 +23,8 @@ from PIL import Image
 from psycopg import sql
 from scipy.stats import spearmanr
 
-from jobs import db
-from jobs.demo import APP_TABLES, app_schema_sql, images_dir, seed, truth_path
+from jobs import db, paths
+from jobs.demo.seed import APP_TABLES, app_schema_sql, seed
 from jobs.demo.world import START_DATE
 from jobs.errors import ConfigError, InputError
 
@@ -77,7 +77,7 @@ def test_seed_world_statistics_and_faults(small_cfg):
     assert sum(1 for v in summary["regions"].values() if v > 0) >= 4
     assert sum(1 for v in summary["sources"].values() if v > 0) >= 2
     assert min(summary["phases"].values()) > 0.35 * N
-    assert summary["images_dir"] == str(images_dir(small_cfg))
+    assert summary["images_dir"] == str(paths.of(small_cfg).demo_images)
     assert summary["bytes"] > 0 and summary["seconds"] >= 0
 
     webcams = _rows(small_cfg, "webcams")
@@ -135,7 +135,7 @@ def test_seed_world_statistics_and_faults(small_cfg):
     assert abs((f["truncated_jpeg"] + f["html_as_jpg"]) / N - small_cfg.demo.corrupt_rate) < 0.01
     assert abs(f["null_url"] / N - small_cfg.demo.null_url_rate) < 0.01
     assert f["truncated_jpeg"] >= 1 and f["html_as_jpg"] >= 1 and f["empty_url"] >= 1
-    root = images_dir(small_cfg)
+    root = paths.of(small_cfg).demo_images
     missing, truncated, html, good = [], 0, 0, {}
     for s in snaps:
         if not s[2]:
@@ -172,7 +172,7 @@ def test_seed_world_statistics_and_faults(small_cfg):
     assert rho > 0.3, rho
 
     # The hidden truth: quality spans the range, about a fifth is good, weather is grouped.
-    truth = pq.read_table(truth_path(small_cfg)).to_pydict()
+    truth = pq.read_table(paths.of(small_cfg).demo_truth).to_pydict()
     q = np.array(truth["true_quality"])
     assert len(q) == N and q.min() < 0.5 and q.max() > 4.5
     assert 0.08 < (q >= 4).mean() < 0.32
@@ -187,7 +187,7 @@ def test_reseed_same_seed_same_rows_and_bytes(make_cfg):
     first = make_cfg(DEMO, **SMALL)
     s1 = seed(first, snapshots=N, seed=5)
     rows1 = {t: _rows(first, t) for t in APP_TABLES}
-    files1 = _file_hashes(images_dir(first))
+    files1 = _file_hashes(paths.of(first).demo_images)
     assert s1["images_written"] == s1["images"] > 0
 
     # Again into the same database and folder, rendered by a pool of 2 processes this time:
@@ -195,7 +195,7 @@ def test_reseed_same_seed_same_rows_and_bytes(make_cfg):
     again = make_cfg(DEMO, **{**SMALL, "demo__workers": 2})
     s2 = seed(again, snapshots=N, seed=5)
     assert {t: _rows(again, t) for t in APP_TABLES} == rows1
-    assert _file_hashes(images_dir(again)) == files1
+    assert _file_hashes(paths.of(again).demo_images) == files1
     assert s2["images_written"] == 0 and s2["images_unchanged"] == s1["images"]
     assert {k: s2[k] for k in ("faults", "regions", "phases", "bytes")} == {
         k: s1[k] for k in ("faults", "regions", "phases", "bytes")
@@ -215,7 +215,7 @@ def test_reseed_same_seed_same_rows_and_bytes(make_cfg):
     snaps = _rows(again, "webcam_snapshots")
     assert snaps != rows1["webcam_snapshots"] and len(snaps) == N
     pointed = {_url_path(s[2]) for s in snaps if s[2]}
-    on_disk = {p for p in images_dir(again).rglob("*") if p.is_file()}
+    on_disk = {p for p in paths.of(again).demo_images.rglob("*") if p.is_file()}
     assert on_disk <= pointed and len(on_disk) == s3["images"]
     assert (
         len(pointed - on_disk) == s3["faults"]["dead_url"] + s3["faults"]["webcam_images_missing"]
@@ -230,7 +230,7 @@ def test_refuses_app_tables_holding_foreign_rows(make_cfg):
     with pytest.raises(InputError, match="did not write"):
         seed(cfg, snapshots=N, seed=1)
     assert [r[1] for r in _rows(cfg, "webcams")] == ["the real app"]
-    assert not images_dir(cfg).exists()
+    assert not paths.of(cfg).demo_images.exists()
 
     # A separate app schema is created on demand and seeded (identifiers quoted properly).
     other = make_cfg(DEMO, **SMALL, database__app_schema="demo_app")
@@ -244,7 +244,7 @@ def test_second_concurrent_seed_exits_zero_and_writes_nothing(small_cfg):
         assert held
         out = seed(small_cfg, snapshots=N, seed=1)
     assert out["status"] == "skipped"
-    assert not images_dir(small_cfg).exists()
+    assert not paths.of(small_cfg).demo_images.exists()
     with db.connect(small_cfg) as conn:
         assert conn.execute("select to_regclass('public.webcams')").fetchone()[0] is None
 
@@ -258,7 +258,7 @@ def test_bad_input(small_cfg, make_cfg):
         make_cfg(DEMO, demo__rater_noise_min=0.9, demo__rater_noise_max=0.5)
     with pytest.raises(ConfigError, match="demo.bogus: unknown key"):
         make_cfg(DEMO, demo__bogus=1)
-    assert not images_dir(small_cfg).exists()
+    assert not paths.of(small_cfg).demo_images.exists()
 
 
 def test_cli_json_summary(database_url, tmp_path):

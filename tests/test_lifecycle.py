@@ -1,5 +1,5 @@
-"""The demo lifecycle end to end on a small world: seed -> dbt + export -> cache -> train ->
-evaluate, through `jobs.demo.lifecycle.run` (what `just demo` runs). The demo world's planted
+"""The demo lifecycle end to end on a small world: seed, then a release (migrate -> dbt + export
+-> cache -> train -> evaluate), through `jobs.release.demo` (what `just demo` runs). The demo world's planted
 faults must come out of the cache with the right reasons, and re-running changes nothing."""
 
 from __future__ import annotations
@@ -10,8 +10,7 @@ import pyarrow.parquet as pq
 from conftest import DEMO
 from train_fixtures import FAST
 
-from jobs import db, dbt_runner, provenance
-from jobs.demo import lifecycle
+from jobs import db, dbt_runner, provenance, release
 
 # What each planted fault must look like in failures.parquet.
 EXPECTED_REASON = {
@@ -33,8 +32,8 @@ def test_demo_lifecycle_on_a_small_world(make_cfg):
         evaluate__min_test_rows=10,
         evaluate__bootstrap_samples=100,
     )
-    out = lifecycle.run(cfg)
-    assert out["status"] == "done"
+    out = release.demo(cfg)
+    assert out["status"] == "released" and out["resumed"] is False
     steps = out["steps"]
     assert steps["export"]["status"] == "exported"
     assert steps["cache"]["status"] == "cached"
@@ -54,7 +53,7 @@ def test_demo_lifecycle_on_a_small_world(make_cfg):
     for f in failures:
         assert EXPECTED_REASON.get(truth[f["snapshot_id"]]) == f["reason"], f
     exported = (
-        pq.read_table(steps["export"]["dataset_dir"] + "/manifest_full.parquet")
+        pq.read_table(out["dataset_dir"] + "/manifest_full.parquet")
         .column("snapshot_id")
         .to_pylist()
     )
@@ -119,12 +118,18 @@ def test_demo_lifecycle_on_a_small_world(make_cfg):
     }
     assert used_ids == active_ids
     # `airatings dbt test` passes on the demo world (the demo builds the whole project).
-    assert steps["dbt"]["results"].get("error", 0) == 0
+    with db.connect(cfg) as conn:
+        built = conn.execute(
+            "select params_json->'export'->'dbt'->'results' from airatings.model_training_runs"
+            " where model_version = %s",
+            (version,),
+        ).fetchone()[0]
+    assert built.get("error", 0) == 0 and built["pass"] > 50  # the whole project's tests
     tested = dbt_runner.cli(cfg, ["test"])
     assert tested["results"].get("pass", 0) > 0 and set(tested["results"]) == {"pass"}
 
     # Running the demo again resumes: same dataset, nothing fetched, training already done.
-    again = lifecycle.run(cfg)
+    again = release.demo(cfg)
     assert again["model_version"] == version
     assert again["dataset_hash"] == out["dataset_hash"]
     assert again["steps"]["export"]["status"] == "already_exported"

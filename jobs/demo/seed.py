@@ -30,23 +30,13 @@ MARKER = "airatings demo world: replaced by `airatings demo seed`"
 _BATCH = 24
 
 
-def images_dir(cfg: Config) -> Path:
-    """Where the demo's images live: ``<data_dir>/demo-images``."""
-    return cfg.data_dir / "demo-images"
-
-
-def truth_path(cfg: Config) -> Path:
-    """The hidden per-snapshot truth (quality and scene latents) of the last seed, Parquet."""
-    return cfg.data_dir / "demo-truth.parquet"
-
-
 def app_schema_sql() -> str:
     return (resources.files("jobs") / "demo" / "app_schema.sql").read_text(encoding="utf-8")
 
 
 def seed(cfg: Config, snapshots: int | None = None, seed: int | None = None) -> dict[str, Any]:
     """Create the app tables if absent and replace their contents with the demo world."""
-    from jobs import db, logs
+    from jobs import db, logs, paths
     from jobs.artifacts import sweep_temp
     from jobs.demo import world
 
@@ -59,7 +49,7 @@ def seed(cfg: Config, snapshots: int | None = None, seed: int | None = None) -> 
     if world_seed < 0:
         raise InputError(f"--seed must be >= 0, got {world_seed}")
     schema = cfg.database.app_schema
-    out_dir = images_dir(cfg)
+    out_dir = paths.of(cfg).demo_images
     logs.bind(seed=world_seed, app_schema=schema)
 
     with db.job_lock(cfg, "demo-seed", schema) as held:
@@ -91,7 +81,7 @@ def seed(cfg: Config, snapshots: int | None = None, seed: int | None = None) -> 
         log.info("app_tables_loaded", webcams=len(w.webcams), snapshots=n, ratings=len(w.ratings))
 
         stale = _remove_stale(out_dir, {Path(p["path"]) for p in w.images})
-        _write_truth(truth_path(cfg), w.truth)
+        _write_truth(paths.of(cfg).demo_truth, w.truth)
 
     q = w.truth["true_quality"]
     summary = {
@@ -111,7 +101,7 @@ def seed(cfg: Config, snapshots: int | None = None, seed: int | None = None) -> 
         "bytes": total_bytes,
         "image_size": f"{cfg.demo.image_width}x{cfg.demo.image_height}",
         "images_dir": str(out_dir),
-        "truth_path": str(truth_path(cfg)),
+        "truth_path": str(paths.of(cfg).demo_truth),
         "regions": w.counts["regions"],
         "sources": w.counts["sources"],
         "phases": w.counts["phases"],
@@ -308,4 +298,4 @@ def _load(conn: psycopg.Connection, schema: str, w: Any, fingerprint: str) -> No
         conn.execute(sql.SQL("analyze {}").format(sql.Identifier(schema, "webcam_snapshots")))
 
 
-__all__ = ["APP_TABLES", "MARKER", "images_dir", "seed", "truth_path"]
+__all__ = ["APP_TABLES", "MARKER", "seed"]

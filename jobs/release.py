@@ -1,0 +1,201 @@
+"""`airatings release`: the lifecycle of one model version, in order. The only module that calls
+other jobs (each step is also a subcommand of its own, and a Kubernetes Job in production).
+
+```
+migrate   apply jobs/migrations (idempotent, under an advisory lock)
+export    dbt build + test, DuckDB -> Parquet/CSV manifests + dataset hash, run row + labels
+cache     download, validate, cache images; failures; active manifests; labels used/excluded
+train     torchvision transfer learning, resumable from last.pt, best.pt by val metric
+evaluate  test metrics with bootstrap CIs, slices, baselines, report.html
+```
+
+Resuming: the run's status in ``model_training_runs`` is the record. A release first looks for
+the newest run that is not finished (status before the last step, not failed) and made with
+this config; it carries that run on from its status, without a new export, so a release killed
+mid-training continues the same version. Otherwise it exports: unchanged data and config give
+the same run back (``already_exported``), and each later step then finds its work done
+(checked against the files it recorded, not assumed) and says so. ``--new`` always exports.
+
+A second release at once (a CronJob fired twice, a person beside the schedule) finds the
+release lock held and exits 0 saying so.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from jobs import db, logs, runs
+
+if TYPE_CHECKING:
+    from jobs.config import Config
+
+log = logs.get_logger()
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    # the status a run has once this step is done (None: not a per-run step)
+    done_status: str | None
+    call: Callable[..., dict[str, Any]]
+
+
+def _migrate(cfg: Config, run_ref: str | None) -> dict[str, Any]:
+    return db.migrate(cfg) | {"status": "migrated"}
+
+
+def _export(cfg: Config, run_ref: str | None, *, notes: str | None = None) -> dict[str, Any]:
+    from jobs import dbt_runner, export
+
+    # The whole dbt project, not only what training reads: `airatings dbt test` and dbt docs
+    # then see every model, and the review loop's marts are fresh.
+    return export.run(cfg, notes=notes, select=dbt_runner.PROJECT_SELECTION)
+
+
+def _cache(cfg: Config, run_ref: str) -> dict[str, Any]:
+    from jobs import cache
+
+    return cache.run(cfg, run=run_ref)
+
+
+def _train(cfg: Config, run_ref: str) -> dict[str, Any]:
+    from jobs import train
+
+    return train.run(cfg, run=run_ref)
+
+
+def _evaluate(cfg: Config, run_ref: str) -> dict[str, Any]:
+    from jobs import evaluate
+
+    return evaluate.run(cfg, run=run_ref)
+
+
+# The order of a release. [7/11] appends export-onnx and register.
+STEPS: tuple[Step, ...] = (
+    Step("migrate", None, _migrate),
+    Step("export", "exported", _export),
+    Step("cache", "cached", _cache),
+    Step("train", "trained", _train),
+    Step("evaluate", "evaluated", _evaluate),
+)
+FINAL_STATUS = STEPS[-1].done_status
+
+
+def unfinished_run(cfg: Config) -> runs.Run | None:
+    """The newest non-failed run of this config whose status is before the last step's."""
+    from psycopg import sql
+
+    with db.connect(cfg) as conn:
+        row = conn.execute(
+            sql.SQL(
+                "select id from {} where status <> 'failed' and config_hash = %s"
+                " order by id desc limit 1"
+            ).format(runs.table(cfg, "model_training_runs")),
+            (cfg.config_hash,),
+        ).fetchone()
+        if row is None:
+            return None
+        run = runs.get_run(conn, cfg, row[0])
+    return None if run.reached(FINAL_STATUS) else run
+
+
+def _call(step: Step, cfg: Config, run_ref: str | None, **kw: Any) -> dict[str, Any]:
+    """One step with its own log context; a step's bound context (run_id, shard...) must not
+    leak into the next one."""
+    context = structlog.contextvars.get_contextvars()
+    started = time.monotonic()
+    log.info("release_step_started", step=step.name, run_ref=run_ref)
+    try:
+        out = step.call(cfg, run_ref, **kw) or {}
+    finally:
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(**context)
+    out.setdefault("seconds", round(time.monotonic() - started, 2))
+    log.info("release_step_finished", step=step.name, status=out.get("status"))
+    return out
+
+
+def run(cfg: Config, new: bool = False, notes: str | None = None) -> dict[str, Any]:
+    """Run (or resume) a release; returns one summary: version, dataset, steps, headline."""
+    started = time.monotonic()
+    with db.job_lock(cfg, "release") as held:
+        if not held:
+            msg = "another 'airatings release' is running on this database; nothing done"
+            log.info("release_skipped", reason=msg)
+            return {"status": "skipped", "reason": msg}
+        steps: dict[str, dict[str, Any]] = {}
+        steps["migrate"] = _call(STEPS[0], cfg, None)
+        resumed = None if new else unfinished_run(cfg)
+        if resumed is not None:
+            run_ref = resumed.model_version
+            log.info("release_resumed", model_version=run_ref, status=resumed.status)
+            steps["export"] = {
+                "status": "resumed",
+                "model_version": run_ref,
+                "run_status": resumed.status,
+                "dataset_hash": resumed.dataset_hash,
+            }
+        else:
+            steps["export"] = _call(STEPS[1], cfg, None, notes=notes)
+            if steps["export"].get("status") == "skipped":
+                return {
+                    "status": "skipped",
+                    "reason": steps["export"].get("reason"),
+                    "steps": steps,
+                }
+            run_ref = steps["export"]["model_version"]
+        logs.bind(model_version=run_ref)
+        for step in STEPS[2:]:
+            steps[step.name] = out = _call(step, cfg, run_ref)
+            if out.get("status") == "skipped":
+                # a twin holds this step's lock: it will carry the run on; say so, stop here
+                return {
+                    "status": "skipped",
+                    "model_version": run_ref,
+                    "reason": f"{step.name}: {out.get('reason')}",
+                    "steps": steps,
+                }
+    with db.connect(cfg) as conn:
+        final = runs.get_run(conn, cfg, run_ref)
+    evaluated = steps.get("evaluate", {})
+    return {
+        "status": "released" if final.reached(FINAL_STATUS) else final.status,
+        "model_version": run_ref,
+        "run_status": final.status,
+        "resumed": resumed is not None,
+        "dataset_hash": final.dataset_hash,
+        "dataset_dir": (final.params.get("export") or {}).get("dataset_dir"),
+        "counts": (final.params.get("export") or {}).get("counts"),
+        "labels": (final.params.get("cache") or {}).get("labels"),
+        "headline": evaluated.get("headline"),
+        "report": evaluated.get("report"),
+        "steps": {name: _brief(out) for name, out in steps.items()},
+        "seconds": round(time.monotonic() - started, 2),
+    }
+
+
+def _brief(out: dict[str, Any]) -> dict[str, Any]:
+    """A step's status and time for the release summary (the full summaries are logged)."""
+    return {"status": out.get("status"), "seconds": out.get("seconds")}
+
+
+def demo(cfg: Config) -> dict[str, Any]:
+    """`airatings demo run` (what `just demo` runs): the synthetic world seeded into the app's
+    tables (embedded PostgreSQL unless DATABASE_URL is set), then a release of it. Running it
+    again reseeds the same world and the release finds every step done."""
+    from jobs.demo import seed
+
+    started = time.monotonic()
+    db.migrate(cfg)  # the seed forgets cached URLs of replaced images: it needs our tables
+    seeded = seed.seed(cfg)
+    if seeded.get("status") == "skipped":
+        return seeded
+    released = run(cfg)
+    released["steps"] = {"seed": _brief(seeded), **released.get("steps", {})}
+    released["seconds"] = round(time.monotonic() - started, 2)
+    return released
