@@ -36,14 +36,21 @@ weights_app = typer.Typer(help="Pretrained backbone weights.", no_args_is_help=T
 app.add_typer(demo_app, name="demo")
 app.add_typer(weights_app, name="weights")
 
+# No default here (None), so that load_config can fall back to $AIR_CONFIG, then the baseline.
 ConfigOpt = Annotated[
-    Path, typer.Option("--config", "-c", help="Run config YAML.", show_default=True)
+    Path | None,
+    typer.Option(
+        "--config",
+        "-c",
+        help="Run config YAML [default: $AIR_CONFIG, else configs/v2_baseline.yaml].",
+        show_default=True,
+    ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON summary object on stdout.")]
 RunOpt = Annotated[
     str, typer.Option("--run", help="Training run: 'latest', an id or a model version.")
 ]
-DEFAULT_CONFIG = Path("configs/v2_baseline.yaml")
+DEFAULT_CONFIG: Path | None = None  # jobs.config.load_config: $AIR_CONFIG, else the baseline
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:

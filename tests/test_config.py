@@ -199,3 +199,99 @@ def test_non_finite_number_through_the_cli_exits_2_naming_the_key(tmp_path):
     assert r.returncode == 2
     assert "train.lr: Input should be a finite number" in json.loads(r.stdout)["error"]
     assert not (tmp_path / "data").exists()
+
+
+def test_malformed_override_names_are_refused_naming_the_variable():
+    for var in ("AIR__TRAIN__EPOCHS__X", "AIR__TRAIN____EPOCHS", "AIR____EPOCHS", "AIR__"):
+        with pytest.raises(ConfigError, match=f"{var}: expected AIR__<SECTION>__<KEY>"):
+            load_config(BASELINE, env={var: "3"})
+    with pytest.raises(ConfigError, match="AIR__SOURCE__X: unknown config section 'source'"):
+        load_config(BASELINE, env={"AIR__SOURCE__X": "1"})
+    with pytest.raises(ConfigError, match="AIR__TRAIN__EPOCHS: not a valid YAML value"):
+        load_config(BASELINE, env={"AIR__TRAIN__EPOCHS": "[3"})
+
+
+def test_override_names_are_case_insensitive_after_the_prefix_and_empty_is_null():
+    c = load_config(BASELINE, env={"AIR__Train__Epochs": "5", "AIR__TRAIN__THREADS": ""})
+    assert c.train.epochs == 5
+    assert c.train.threads is None
+    assert load_config(BASELINE, env={"AIR__TRAIN__THREADS": "3"}).train.threads == 3
+
+
+# ---- AIR_CONFIG: the config file of a container started without arguments ---------------
+
+
+def test_air_config_names_the_file_when_no_path_is_given(tmp_path):
+    p = write(tmp_path, "extends: " + str(BASELINE) + "\ntrain:\n  epochs: 7\n")
+    c = load_config(env={"AIR_CONFIG": str(p)})
+    assert c.train.epochs == 7
+    assert c.source == str(p)
+    # an explicit path wins over AIR_CONFIG
+    assert load_config(BASELINE, env={"AIR_CONFIG": str(p)}).train.epochs != 7
+
+
+def test_air_config_unset_or_empty_means_the_baseline(monkeypatch):
+    from conftest import REPO
+
+    monkeypatch.chdir(REPO)  # the default is relative to the working directory
+    base = load_config(BASELINE, env={})
+    for env in ({}, {"AIR_CONFIG": ""}):
+        c = load_config(env=env)
+        assert c.source == "configs/v2_baseline.yaml"
+        assert c.config_hash == base.config_hash
+
+
+def test_air_config_naming_a_missing_file_is_an_error_naming_it(tmp_path):
+    with pytest.raises(ConfigError) as exc:
+        load_config(env={"AIR_CONFIG": str(tmp_path / "nope.yaml")})
+    assert str(exc.value) == f"config file not found: {tmp_path / 'nope.yaml'} (from AIR_CONFIG)"
+    assert exc.value.exit_code == 2
+
+
+def _cli(tmp_path: Path, *args: str, **env_vars: str):
+    import os
+    import subprocess
+
+    from conftest import AIRATINGS
+
+    env = {
+        **os.environ,
+        "AIR_DATA_DIR": str(tmp_path / "data"),
+        "AIR_ARTIFACTS_DIR": str(tmp_path / "art"),
+        **env_vars,
+    }
+    env.pop("DATABASE_URL", None)
+    return subprocess.run([AIRATINGS, *args], capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_cli_reads_air_config_and_config_option_wins(tmp_path):
+    """Told apart by which file's bad key is named: no database needed, nothing written."""
+    import json
+
+    from_env = write(tmp_path, "train:\n  from_env: 1\n", "env.yaml")
+    from_opt = write(tmp_path, "train:\n  from_option: 1\n", "opt.yaml")
+    r = _cli(tmp_path, "migrate", "--json", AIR_CONFIG=str(from_env))
+    assert r.returncode == 2
+    assert "train.from_env: unknown key" in json.loads(r.stdout)["error"]
+    r = _cli(tmp_path, "migrate", "--config", str(from_opt), "--json", AIR_CONFIG=str(from_env))
+    assert r.returncode == 2
+    error = json.loads(r.stdout)["error"]
+    assert "train.from_option: unknown key" in error and "from_env" not in error
+    assert not (tmp_path / "data").exists() and not (tmp_path / "art").exists()
+
+
+def test_cli_air_config_naming_a_missing_file_exits_2_naming_air_config(tmp_path):
+    import json
+
+    missing = tmp_path / "nope.yaml"
+    r = _cli(tmp_path, "migrate", "--json", AIR_CONFIG=str(missing))
+    assert r.returncode == 2
+    assert json.loads(r.stdout)["error"] == f"config file not found: {missing} (from AIR_CONFIG)"
+    assert "AIR_CONFIG" in r.stderr
+    assert not (tmp_path / "data").exists()
+
+
+def test_cli_help_shows_where_the_config_comes_from(tmp_path):
+    r = _cli(tmp_path, "train", "--help")
+    assert r.returncode == 0
+    assert "[default: $AIR_CONFIG, else configs/v2_baseline.yaml]" in " ".join(r.stdout.split())
