@@ -365,7 +365,7 @@ _ENV_SHORTCUTS = {
 # - an unknown section (``AIR__NOPE__X``) is silently ignored: the source only looks up the
 #   model's fields (pydantic-settings issue #985, open), so every AIR__ name must be checked here;
 # - ``AIR__TRAIN=3`` is taken as the whole ``train`` section (strict validation then says
-#   "train: Input should be a valid dictionary"), not refused as a malformed name;
+#   "train: Input should be an object"), not refused as a malformed name;
 # - ``AIR__TRAIN__A__B`` is exploded into ``{"train": {"a": {"b": ...}}}``; deeper names into a
 #   nested model merge in the order of the environment (``AIR__DATASET__SPLIT_RATIOS__VAL``
 #   before ``AIR__DATASET__SPLIT_RATIOS`` is silently lost);
