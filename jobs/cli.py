@@ -8,11 +8,11 @@ human summary. Exit codes: 0 done / already done, 2 bad config or input, 75 tran
 
 from __future__ import annotations
 
-import importlib
 import json
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -53,6 +53,13 @@ RunOpt = Annotated[
 DEFAULT_CONFIG: Path | None = None  # jobs.config.load_config: $AIR_CONFIG, else the baseline
 
 
+def _not_built(job: str) -> Callable[..., dict[str, Any]]:
+    def refuse(cfg: Any, **kwargs: Any) -> dict[str, Any]:
+        raise NotBuiltError(f"'{job}' is not built yet in this version")
+
+    return refuse
+
+
 def _on_sigterm(signum: int, frame: Any) -> None:
     raise Terminated(
         f"received signal {signum}: stopped, rolled back, temp files removed; safe to re-run"
@@ -72,8 +79,14 @@ def _print_summary(job: str, summary: dict[str, Any], as_json: bool) -> None:
         print(f"  {key}: {value}")
 
 
-def run_job(job: str, target: str, config: Path, as_json: bool, **kwargs: Any) -> None:
-    """Load config, call ``module:function(cfg, **kwargs)``, print the summary, exit."""
+def run_job(
+    job: str,
+    func: Callable[..., dict[str, Any] | None],
+    config: Path | None,
+    as_json: bool,
+    **kwargs: Any,
+) -> None:
+    """Load config, call ``func(cfg, **kwargs)``, print the summary, exit with its code."""
     from jobs import logs
     from jobs.config import load_config
 
@@ -85,14 +98,7 @@ def run_job(job: str, target: str, config: Path, as_json: bool, **kwargs: Any) -
     code = 0
     try:
         cfg = load_config(config)
-        module_name, func_name = target.split(":")
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name == module_name:
-                raise NotBuiltError(f"'{job}' is not built yet in this version") from None
-            raise
-        summary = getattr(module, func_name)(cfg, **kwargs) or {}
+        summary = func(cfg, **kwargs) or {}
         summary.setdefault("status", "done")
         summary.setdefault("seconds", round(time.monotonic() - started, 3))
         summary = logs.scrub(summary)  # no password in any DSN form (RELIABILITY 32)
@@ -152,19 +158,25 @@ def run_job(job: str, target: str, config: Path, as_json: bool, **kwargs: Any) -
 @db_app.command("start")
 def db_start(config: ConfigOpt = DEFAULT_CONFIG, json_: JsonOpt = False) -> None:
     """Start the embedded PostgreSQL under <data_dir>/pg (no-op if running or DATABASE_URL set)."""
-    run_job("db", "jobs.dbcli:start", config, json_)
+    from jobs import dbcli
+
+    run_job("db", dbcli.start, config, json_)
 
 
 @db_app.command("stop")
 def db_stop(config: ConfigOpt = DEFAULT_CONFIG, json_: JsonOpt = False) -> None:
     """Stop the embedded PostgreSQL."""
-    run_job("db", "jobs.dbcli:stop", config, json_)
+    from jobs import dbcli
+
+    run_job("db", dbcli.stop, config, json_)
 
 
 @db_app.command("status")
 def db_status(config: ConfigOpt = DEFAULT_CONFIG, json_: JsonOpt = False) -> None:
     """Show whether the database is reachable and which migrations are applied."""
-    run_job("db", "jobs.dbcli:status", config, json_)
+    from jobs import dbcli
+
+    run_job("db", dbcli.status, config, json_)
 
 
 @db_app.command("url")
@@ -183,7 +195,9 @@ def db_url(config: ConfigOpt = DEFAULT_CONFIG) -> None:
 @app.command("migrate")
 def migrate(config: ConfigOpt = DEFAULT_CONFIG, json_: JsonOpt = False) -> None:
     """Apply this project's SQL migrations (jobs/migrations) in order; idempotent."""
-    run_job("migrate", "jobs.db:migrate", config, json_)
+    from jobs import db
+
+    run_job("migrate", db.migrate, config, json_)
 
 
 # ---- demo --------------------------------------------------------------------------------
@@ -199,13 +213,32 @@ def demo_seed(
     seed: Annotated[int | None, typer.Option(help="World seed (default: demo.seed).")] = None,
 ) -> None:
     """Create the app's tables (if absent) and fill them with a deterministic synthetic world."""
-    run_job("demo-seed", "jobs.demo.seed:seed", config, json_, snapshots=snapshots, seed=seed)
+    from jobs.demo import seed as world_seed
+
+    run_job("demo-seed", world_seed.seed, config, json_, snapshots=snapshots, seed=seed)
+
+
+DemoConfigOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--config", "-c", help="Run config YAML [default: $AIR_CONFIG, else configs/demo.yaml]."
+    ),
+]
+
+
+def _demo_config(config: Path | None) -> Path | None:
+    """The demo's own default (configs/demo.yaml) unless --config or $AIR_CONFIG says otherwise."""
+    import os
+
+    return config or (None if os.environ.get("AIR_CONFIG") else Path("configs/demo.yaml"))
 
 
 @demo_app.command("run")
-def demo_run(config: ConfigOpt = Path("configs/demo.yaml"), json_: JsonOpt = False) -> None:
-    """The whole demo lifecycle on the embedded defaults (what `just demo` runs)."""
-    run_job("demo", "jobs.release:demo", config, json_)
+def demo_run(config: DemoConfigOpt = None, json_: JsonOpt = False) -> None:
+    """The demo world seeded, then `airatings release` on it (what `just demo` runs)."""
+    from jobs import release
+
+    run_job("demo", release.demo, _demo_config(config), json_)
 
 
 # ---- dataset -----------------------------------------------------------------------------
@@ -221,7 +254,9 @@ def dbt(
     json_: JsonOpt = False,
 ) -> None:
     """Run dbt with the profile and vars from the config: `airatings dbt build`."""
-    run_job("dbt", "jobs.dbt_runner:cli", config, json_, args=list(ctx.args))
+    from jobs import dbt_runner
+
+    run_job("dbt", dbt_runner.cli, config, json_, args=list(ctx.args))
 
 
 @app.command("export")
@@ -239,7 +274,9 @@ def export(
     ] = None,
 ) -> None:
     """Build dbt, freeze the split view into Parquet + CSV manifests, record the run and its labels."""
-    run_job("export", "jobs.export:run", config, json_, csv=csv, notes=notes)
+    from jobs import export
+
+    run_job("export", export.run, config, json_, csv=csv, notes=notes)
 
 
 @app.command("cache")
@@ -255,7 +292,9 @@ def cache(
     ] = False,
 ) -> None:
     """Download, validate and cache the run's images; write failures and active manifests."""
-    run_job("cache", "jobs.cache:run", config, json_, run=run, shard=shard, merge=merge)
+    from jobs import cache
+
+    run_job("cache", cache.run, config, json_, run=run, shard=shard, merge=merge)
 
 
 # ---- model -------------------------------------------------------------------------------
@@ -266,7 +305,9 @@ def train(
     config: ConfigOpt = DEFAULT_CONFIG, json_: JsonOpt = False, run: RunOpt = "latest"
 ) -> None:
     """Transfer-learn a torchvision backbone on the run's cached images (resumable)."""
-    run_job("train", "jobs.train:run", config, json_, run=run)
+    from jobs import train
+
+    run_job("train", train.run, config, json_, run=run)
 
 
 @app.command("evaluate")
@@ -274,7 +315,9 @@ def evaluate(
     config: ConfigOpt = DEFAULT_CONFIG, json_: JsonOpt = False, run: RunOpt = "latest"
 ) -> None:
     """Test-split metrics, slices, bootstrap CIs, baselines, plots and report.html."""
-    run_job("evaluate", "jobs.evaluate:run", config, json_, run=run)
+    from jobs import evaluate
+
+    run_job("evaluate", evaluate.run, config, json_, run=run)
 
 
 @app.command("export-onnx")
@@ -282,7 +325,7 @@ def export_onnx(
     config: ConfigOpt = DEFAULT_CONFIG, json_: JsonOpt = False, run: RunOpt = "latest"
 ) -> None:
     """Export the best checkpoint to ONNX with onnxruntime parity checks ([5/8])."""
-    run_job("export-onnx", "jobs.onnx_export:run", config, json_, run=run)
+    run_job("export-onnx", _not_built("export-onnx"), config, json_, run=run)
 
 
 @app.command("register")
@@ -290,7 +333,7 @@ def register(
     config: ConfigOpt = DEFAULT_CONFIG, json_: JsonOpt = False, run: RunOpt = "latest"
 ) -> None:
     """Register an immutable model version with its model card ([5/8])."""
-    run_job("register", "jobs.register:run", config, json_, run=run)
+    run_job("register", _not_built("register"), config, json_, run=run)
 
 
 @app.command("release")
@@ -306,19 +349,21 @@ def release(
 ) -> None:
     """Run the lifecycle in order (migrate, export, cache, train, evaluate); resumes the latest
     unfinished run from its status."""
-    run_job("release", "jobs.release:run", config, json_, new=new, notes=notes)
+    from jobs import release
+
+    run_job("release", release.run, config, json_, new=new, notes=notes)
 
 
 @app.command("score")
 def score(config: ConfigOpt = DEFAULT_CONFIG, json_: JsonOpt = False) -> None:
     """Score new snapshots with the production model and write the app's AI fields ([6/8])."""
-    run_job("score", "jobs.score:run", config, json_)
+    run_job("score", _not_built("score"), config, json_)
 
 
 @app.command("review")
 def review(config: ConfigOpt = DEFAULT_CONFIG, json_: JsonOpt = False) -> None:
     """Disagreement report, review set and relabel import ([7/8])."""
-    run_job("review", "jobs.review:run", config, json_)
+    run_job("review", _not_built("review"), config, json_)
 
 
 @weights_app.command("pull")
@@ -337,9 +382,9 @@ def weights_pull(
     ] = None,
 ) -> None:
     """Download torchvision's ImageNet weights into the torch cache, hash-checked."""
-    run_job(
-        "weights", "jobs.weights:pull", config, json_, backbone=backbone, mirror=mirror, url=url
-    )
+    from jobs import weights
+
+    run_job("weights", weights.pull, config, json_, backbone=backbone, mirror=mirror, url=url)
 
 
 @app.command("provenance")
@@ -352,13 +397,17 @@ def provenance(
     ] = None,
 ) -> None:
     """Which labels and which people's ratings trained VERSION; what changed since."""
-    run_job("provenance", "jobs.provenance:run", config, json_, version=version, snapshot=snapshot)
+    from jobs import provenance
+
+    run_job("provenance", provenance.run, config, json_, version=version, snapshot=snapshot)
 
 
 @app.command("models")
 def models(config: ConfigOpt = DEFAULT_CONFIG, json_: JsonOpt = False) -> None:
     """List training runs and model versions with their status and dataset hash."""
-    run_job("models", "jobs.dbcli:models", config, json_)
+    from jobs import dbcli
+
+    run_job("models", dbcli.models, config, json_)
 
 
 def main() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from importlib import import_module
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,8 @@ JOBS = [
     "score",
     "review",
     "models",
+    "provenance",
+    "weights",
 ]
 
 
@@ -43,7 +46,47 @@ def test_help_lists_every_job():
         assert f"\n  {job} " in r.stdout or f"\n  {job}\n" in r.stdout, job
 
 
-@pytest.mark.parametrize("job", ["export-onnx", "register", "release", "score", "review"])
+# Every command and the job function it must hand to run_job (checked without running it).
+COMMANDS = {
+    ("db", "start"): "jobs.dbcli.start",
+    ("db", "stop"): "jobs.dbcli.stop",
+    ("db", "status"): "jobs.dbcli.status",
+    ("migrate",): "jobs.db.migrate",
+    ("demo", "seed"): "jobs.demo.seed.seed",
+    ("demo", "run"): "jobs.release.demo",
+    ("dbt", "build"): "jobs.dbt_runner.cli",
+    ("export",): "jobs.export.run",
+    ("cache",): "jobs.cache.run",
+    ("train",): "jobs.train.run",
+    ("evaluate",): "jobs.evaluate.run",
+    ("release",): "jobs.release.run",
+    ("weights", "pull"): "jobs.weights.pull",
+    ("provenance", "v"): "jobs.provenance.run",
+    ("models",): "jobs.dbcli.models",
+}
+
+
+@pytest.mark.parametrize("words", list(COMMANDS), ids=" ".join)
+def test_every_command_hands_its_job_function_to_run_job(words, monkeypatch):
+    """The CLI imports the function it runs: a renamed or moved job function fails here, in
+    the tests, not when a person runs the command."""
+    from typer.testing import CliRunner
+
+    from jobs import cli
+
+    seen = {}
+
+    def record(job, func, config, as_json, **kwargs):
+        seen["func"] = func
+
+    monkeypatch.setattr(cli, "run_job", record)
+    result = CliRunner().invoke(cli.app, list(words))
+    assert result.exit_code == 0, result.output
+    func = seen["func"]
+    assert f"{func.__module__}.{func.__qualname__}" == COMMANDS[words]
+
+
+@pytest.mark.parametrize("job", ["export-onnx", "register", "score", "review"])
 def test_unbuilt_jobs_say_so_and_exit_2(job):
     r = airatings(job, "--json")
     assert r.returncode == 2
@@ -153,7 +196,7 @@ def test_a_database_error_that_escapes_a_job_is_exit_75_in_one_line(
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "lost_job", raising=False)
     with pytest.raises(typer.Exit) as info:
-        run_job("lost", "lost_job:run", Path("configs/v2_baseline.yaml"), True)
+        run_job("lost", import_module("lost_job").run, Path("configs/v2_baseline.yaml"), True)
     assert info.value.exit_code == 75
     out, err = capsys.readouterr()
     assert "Traceback" not in err and "hunter2-x" not in out + err
@@ -173,7 +216,7 @@ def test_a_bug_still_shows_its_traceback_without_the_password(tmp_path, monkeypa
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "buggy_job", raising=False)
     with pytest.raises(typer.Exit) as info:
-        run_job("buggy", "buggy_job:run", Path("configs/v2_baseline.yaml"), True)
+        run_job("buggy", import_module("buggy_job").run, Path("configs/v2_baseline.yaml"), True)
     assert info.value.exit_code == 1
     err = capsys.readouterr().err
     assert "Traceback" in err and "KeyError: 'postgresql://u:***@db/app'" in err
