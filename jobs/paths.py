@@ -15,6 +15,7 @@ ask it for paths; no other module joins a run folder or spells a file name.
     active/manifest_{train,val,test}.parquet   what training and evaluation read
     last.pt  best.pt  history.csv        training (checkpoints are plain dicts)
     metrics.json  report.html            evaluation
+    model.onnx  parity.json              export-onnx
   models/<model_version>/                registered, write-once
     model.onnx  model_card.json  release.env  configmap.yaml
 <data_dir>/                              (paths.data_dir, AIR_DATA_DIR): machine-local state
@@ -132,6 +133,16 @@ class RunPaths:
     @property
     def report(self) -> Path:
         return self.root / "report.html"
+
+    @property
+    def onnx(self) -> Path:
+        """export-onnx's output (register copies it, write-once, to models/<version>/)."""
+        return self.root / "model.onnx"
+
+    @property
+    def parity(self) -> Path:
+        """export-onnx's parity results (PyTorch vs onnxruntime, gate decisions)."""
+        return self.root / "parity.json"
 
 
 @dataclass(frozen=True)
