@@ -70,13 +70,43 @@ def _print_summary(job: str, summary: dict[str, Any], as_json: bool) -> None:
     if as_json:
         sys.stdout.write(json.dumps(summary, default=str, sort_keys=True) + "\n")
         return
-    print(f"{job}: {summary.get('status', 'done')}")
-    for key, value in summary.items():
-        if key == "status":
-            continue
-        if isinstance(value, dict | list):
-            value = json.dumps(value, default=str, sort_keys=True)
-        print(f"  {key}: {value}")
+    sys.stdout.write(human_summary(job, summary))
+
+
+def _flat(value: Any, prefix: str = "") -> list[tuple[str, str]]:
+    """Nested summary values as (dotted key, text) rows."""
+    if isinstance(value, dict):
+        rows: list[tuple[str, str]] = []
+        for k, v in value.items():
+            rows += _flat(v, f"{prefix}.{k}" if prefix else str(k))
+        return rows or [(prefix, "-")]
+    if isinstance(value, list):
+        text = ", ".join(
+            json.dumps(v, default=str) if isinstance(v, dict) else str(v) for v in value
+        )
+        return [(prefix, text or "-")]
+    if isinstance(value, float):
+        return [(prefix, f"{value:.4g}")]
+    return [(prefix, "-" if value is None else str(value))]
+
+
+def human_summary(job: str, summary: dict[str, Any]) -> str:
+    """A short aligned table for people (``--json`` is for machines): one row per value, and
+    a step table (step, status, seconds) for a summary with ``steps``."""
+    lines = [f"{job}: {summary.get('status', 'done')}"]
+    steps = summary.get("steps")
+    rows = [r for k, v in summary.items() if k not in ("status", "steps") for r in _flat(v, k)]
+    width = max((len(k) for k, _ in rows), default=0)
+    lines += [f"  {k:<{width}}  {v}" for k, v in rows]
+    if isinstance(steps, dict) and steps:
+        name_w = max(len(n) for n in steps)
+        lines.append(f"  {'step':<{name_w}}  {'status':<16}  seconds")
+        for name, out in steps.items():
+            out = out if isinstance(out, dict) else {"status": out}
+            secs = out.get("seconds")
+            secs_text = f"{secs:8.1f}" if isinstance(secs, int | float) else "       -"
+            lines.append(f"  {name:<{name_w}}  {str(out.get('status', '-')):<16}  {secs_text}")
+    return "\n".join(lines) + "\n"
 
 
 def run_job(

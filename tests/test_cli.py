@@ -221,3 +221,23 @@ def test_a_bug_still_shows_its_traceback_without_the_password(tmp_path, monkeypa
     err = capsys.readouterr().err
     assert "Traceback" in err and "KeyError: 'postgresql://u:***@db/app'" in err
     assert "hunter2-x" not in err
+
+
+def test_people_get_an_aligned_table_not_a_json_blob():
+    from jobs.cli import human_summary
+
+    text = human_summary(
+        "release",
+        {
+            "status": "released",
+            "model_version": "v_1",
+            "headline": {"mae": 0.3591234, "spearman": 0.93},
+            "steps": {"export": {"status": "exported", "seconds": 3.21}, "train": "trained"},
+        },
+    )
+    lines = text.splitlines()
+    assert lines[0] == "release: released"
+    assert "  headline.mae       0.3591" in lines and "  model_version      v_1" in lines
+    assert any(line.split() == ["export", "exported", "3.2"] for line in lines)
+    assert any(line.split() == ["train", "trained", "-"] for line in lines)
+    assert "{" not in text
