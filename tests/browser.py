@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import html
 import http.server
 import json
 import re
@@ -118,4 +119,5 @@ def inspect_page(page: Path, *, screenshot: Path | None = None, timeout: float =
     m = re.search(r"RESULT(.*?)END", dom, re.S)
     if not m:
         raise AssertionError(f"the harness did not finish; DOM was:\n{dom[:2000]}")
-    return json.loads(m.group(1).replace("&quot;", '"').replace("&amp;", "&"))
+    # --dump-dom serializes the harness's text with HTML escapes (&lt; &gt; &amp; ...)
+    return json.loads(html.unescape(m.group(1)))
