@@ -1,26 +1,21 @@
 """`airatings evaluate [--run ID|latest]`: the best checkpoint on the run's test split.
 
+The job: claim the run, load its best checkpoint, score the test rows, compute the metrics
+(:mod:`jobs.metrics`: pure functions, no database or files), write ``metrics.json`` and
+``report.html`` (:mod:`jobs.report`) in the run's folder (:mod:`jobs.paths`), upsert rows in
+``model_evaluations`` and move the run to ``evaluated``.
+
 Every target yields a 0..5 score (``jobs.train.model.scores_from_outputs``: regression clamps,
-binary maps probability * 5, distribution takes the expected rating). On the test rows:
-
-- regression view vs ``label_value``: MAE, RMSE, bias, Spearman, Pearson, bucket calibration
-  (mean predicted vs mean human per predicted bucket [0,1), ..., [4,5], with counts);
-- classification view at ``dataset.good_threshold`` (human good = label >= t, predicted good =
-  score >= t): ROC AUC and PR AUC (average precision) of the score, F1, precision, recall and
-  the confusion matrix;
-- per slice (phase, hour of day and month of ``captured_at`` in UTC, region, source) when the
-  slice has at least ``evaluate.min_slice_size`` rows;
-- percentile bootstrap CIs (``evaluate.bootstrap_samples``, seeded per (slice, metric), so a
-  re-run reproduces the same numbers);
-- baselines on the same rows through one paired bootstrap of the MAE difference: a constant
-  predictor (the training mean), another run's best checkpoint (``evaluate.compare_to``), and
-  the production model once a ``model_aliases`` table exists (not yet: the summary says so).
-  Verdict: "better"/"worse" when the CI of (model MAE - other MAE) excludes 0, else
-  "no detectable difference".
-
-Too few rows for a metric gives ``status: insufficient_data`` and no value. Writes
-``metrics.json`` and a self-contained ``report.html`` under the run directory, upserts rows in
-``model_evaluations`` and moves the run to ``evaluated``.
+binary maps probability * 5, distribution takes the expected rating). On the test rows: the
+regression and classification metrics at ``dataset.good_threshold``, per slice when the slice
+has at least ``evaluate.min_slice_size`` rows, with percentile bootstrap CIs
+(``evaluate.bootstrap_samples``, seeded per (slice, metric) from ``evaluate.seed``, so a re-run
+reproduces the same numbers). Baselines on the same rows through one paired bootstrap of the
+MAE difference: a constant predictor (the training mean), another run's best checkpoint
+(``evaluate.compare_to``), and the production model once a ``model_aliases`` table exists (not
+yet: the summary says so). Verdict: "better"/"worse" when the CI of (model MAE - other MAE)
+excludes 0, else "no detectable difference". Too few rows for a metric gives
+``status: insufficient_data`` and no value.
 
 "Already done" is checked, not assumed (:func:`already_evaluated`): a run whose recorded
 evaluation has the same inputs (config, checkpoint and test manifest bytes, compared models),
@@ -33,244 +28,26 @@ training's validation (``jobs.images.preprocess``: full frame, bilinear, no crop
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import json
-import math
 import time
-import zlib
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from jobs import db, logs, runs
+from jobs import db, logs, metrics, paths, report, runs
 from jobs.artifacts import atomic_write_text, sha256_file
 from jobs.errors import InputError
+from jobs.metrics import INSUFFICIENT, OK
 
 if TYPE_CHECKING:
     import psycopg
 
     from jobs.config import Config
+    from jobs.paths import RunPaths
 
 SPLIT = "test"
-OK, INSUFFICIENT = "ok", "insufficient_data"
-HEADLINE = ("mae", "rmse", "spearman", "pearson", "roc_auc", "pr_auc", "f1", "precision", "recall")
-BUCKETS = (0.0, 1.0, 2.0, 3.0, 4.0, 5.0)
-
-
-# ---- metrics on fixed predictions (pure, hand-checkable) ---------------------------------
-
-
-def _varied(a: np.ndarray) -> bool:
-    return len(a) > 0 and float(np.ptp(a)) > 0
-
-
-def metric_value(name: str, y: np.ndarray, s: np.ndarray, threshold: float) -> float | None:
-    """One metric of scores ``s`` against labels ``y`` (both 0..5); None when undefined."""
-    from scipy.stats import pearsonr, spearmanr
-    from sklearn.metrics import average_precision_score, roc_auc_score
-
-    n = len(y)
-    if n == 0:
-        return None
-    err = s - y
-    if name == "mae":
-        return float(np.abs(err).mean())
-    if name == "rmse":
-        return float(np.sqrt((err**2).mean()))
-    if name == "bias":
-        return float(err.mean())
-    if name in ("spearman", "pearson"):
-        if n < 3 or not _varied(y) or not _varied(s):
-            return None
-        fn = spearmanr if name == "spearman" else pearsonr
-        return float(fn(s, y).statistic)
-    good = y >= threshold
-    if name in ("roc_auc", "pr_auc"):
-        if good.all() or not good.any():
-            return None
-        fn = roc_auc_score if name == "roc_auc" else average_precision_score
-        return float(fn(good, s))
-    pred = s >= threshold
-    tp = int((pred & good).sum())
-    fp = int((pred & ~good).sum())
-    fn_ = int((~pred & good).sum())
-    if name == "precision":
-        return tp / (tp + fp) if tp + fp else None
-    if name == "recall":
-        return tp / (tp + fn_) if tp + fn_ else None
-    if name == "f1":
-        return 2 * tp / (2 * tp + fp + fn_) if tp + fp + fn_ else None
-    raise ValueError(name)
-
-
-def confusion(y: np.ndarray, s: np.ndarray, threshold: float) -> dict[str, int]:
-    good, pred = y >= threshold, s >= threshold
-    return {
-        "tp": int((pred & good).sum()),
-        "fp": int((pred & ~good).sum()),
-        "fn": int((~pred & good).sum()),
-        "tn": int((~pred & ~good).sum()),
-    }
-
-
-def calibration(y: np.ndarray, s: np.ndarray) -> list[dict[str, Any]]:
-    """Mean predicted vs mean human per predicted bucket [0,1), [1,2), ..., [4,5]."""
-    idx = np.clip(np.floor(s).astype(int), 0, 4)
-    out = []
-    for b in range(5):
-        m = idx == b
-        out.append(
-            {
-                "bucket": f"[{b},{b + 1}{']' if b == 4 else ')'}",
-                "n": int(m.sum()),
-                "mean_predicted": float(s[m].mean()) if m.any() else None,
-                "mean_human": float(y[m].mean()) if m.any() else None,
-            }
-        )
-    return out
-
-
-def _rng(seed: int, key: str) -> np.random.Generator:
-    return np.random.default_rng([seed, zlib.crc32(key.encode())])
-
-
-def bootstrap_indices(n: int, samples: int, seed: int, key: str) -> np.ndarray:
-    return _rng(seed, key).integers(0, n, size=(samples, n))
-
-
-def _percentiles(values: np.ndarray, level: float) -> tuple[float | None, float | None]:
-    values = values[np.isfinite(values)]
-    if len(values) == 0:
-        return None, None
-    a = (1 - level) / 2
-    lo, hi = np.percentile(values, [100 * a, 100 * (1 - a)])
-    return float(lo), float(hi)
-
-
-def bootstrap_ci(
-    name: str,
-    y: np.ndarray,
-    s: np.ndarray,
-    threshold: float,
-    *,
-    samples: int,
-    level: float,
-    seed: int,
-    key: str,
-) -> tuple[float | None, float | None]:
-    """Percentile CI of a metric over row resamples; resamples where it is undefined are
-    dropped, and if over half are, there is no CI."""
-    idx = bootstrap_indices(len(y), samples, seed, key)
-    if name == "mae":
-        vals = np.abs(s - y)[idx].mean(axis=1)
-    elif name == "rmse":
-        vals = np.sqrt(((s - y) ** 2)[idx].mean(axis=1))
-    else:
-        vals = np.array(
-            [
-                v if (v := metric_value(name, y[i], s[i], threshold)) is not None else np.nan
-                for i in idx
-            ]
-        )
-    if np.isfinite(vals).sum() < 0.5 * samples:
-        return None, None
-    return _percentiles(vals, level)
-
-
-def paired_bootstrap(
-    y: np.ndarray,
-    s_model: np.ndarray,
-    s_other: np.ndarray,
-    *,
-    samples: int,
-    level: float,
-    seed: int,
-    key: str,
-) -> dict[str, Any]:
-    """MAE(model) - MAE(other) on the same resampled rows; negative = the model is better."""
-    diff_rows = np.abs(s_model - y) - np.abs(s_other - y)
-    idx = bootstrap_indices(len(y), samples, seed, key)
-    lo, hi = _percentiles(diff_rows[idx].mean(axis=1), level)
-    diff = float(diff_rows.mean())
-    if lo is not None and hi < 0:
-        verdict = "better"
-    elif lo is not None and lo > 0:
-        verdict = "worse"
-    else:
-        verdict = "no detectable difference"
-    return {
-        "mae_model": float(np.abs(s_model - y).mean()),
-        "mae_other": float(np.abs(s_other - y).mean()),
-        "mae_diff": diff,
-        "ci_low": lo,
-        "ci_high": hi,
-        "verdict": verdict,
-        "n": int(len(y)),
-    }
-
-
-def entry(
-    value: float | None, n: int, ci: tuple[float | None, float | None] = (None, None)
-) -> dict[str, Any]:
-    if value is None or not math.isfinite(value):
-        return {"value": None, "status": INSUFFICIENT, "n": n, "ci_low": None, "ci_high": None}
-    return {"value": value, "status": OK, "n": n, "ci_low": ci[0], "ci_high": ci[1]}
-
-
-def headline_metrics(
-    y: np.ndarray,
-    s: np.ndarray,
-    threshold: float,
-    *,
-    min_rows: int,
-    samples: int,
-    level: float,
-    seed: int,
-    slice_name: str = "all",
-    names: tuple[str, ...] = HEADLINE,
-    ci_names: tuple[str, ...] = HEADLINE,
-) -> dict[str, dict[str, Any]]:
-    """``names`` for the rows (y, s): value + bootstrap CI, or insufficient_data if n < min_rows."""
-    n = len(y)
-    out = {}
-    for name in names:
-        value = metric_value(name, y, s, threshold) if n >= min_rows else None
-        ci = (None, None)
-        if value is not None and name in ci_names:
-            ci = bootstrap_ci(
-                name,
-                y,
-                s,
-                threshold,
-                samples=samples,
-                level=level,
-                seed=seed,
-                key=f"{slice_name}|{name}",
-            )
-        out[name] = entry(value, n, ci)
-    return out
-
-
-def slice_masks(table: dict[str, list[Any]]) -> dict[str, np.ndarray]:
-    """slice name -> row mask for phase, hour, month (UTC), region and source."""
-    captured = table["captured_at"]
-    keys = {
-        "phase": table["phase"],
-        "hour": [None if t is None else f"{t.astimezone(dt.UTC).hour:02d}" for t in captured],
-        "month": [None if t is None else f"{t.astimezone(dt.UTC).month:02d}" for t in captured],
-        "region": table["region"],
-        "source": table["source"],
-    }
-    masks = {}
-    for dim, values in keys.items():
-        arr = np.array(["" if v is None else str(v) for v in values], dtype=object)
-        for v in sorted(set(arr.tolist())):
-            if v:
-                masks[f"{dim}={v}"] = arr == v
-    return masks
 
 
 # ---- prediction --------------------------------------------------------------------------
@@ -284,9 +61,9 @@ def predict_scores(
     from PIL import Image
 
     from jobs.images import preprocess
-    from jobs.train import model as M
+    from jobs.train import model as train_model
 
-    model, ckpt = M.model_from_checkpoint(ckpt_path)
+    model, ckpt = train_model.model_from_checkpoint(ckpt_path)
     spec = ckpt["spec"]
     device = torch.device(
         "cuda" if cfg.train.device != "cpu" and torch.cuda.is_available() else "cpu"
@@ -308,7 +85,10 @@ def predict_scores(
                         f"cached image {p} cannot be read ({exc}); re-run 'airatings cache'"
                     ) from None
             x = torch.from_numpy(np.stack(batch)).to(device)
-            scores.append(M.scores_from_outputs(model(x), spec["target"]).float().cpu().numpy())
+            outputs = model(x)
+            scores.append(
+                train_model.scores_from_outputs(outputs, spec["target"]).float().cpu().numpy()
+            )
     return np.concatenate(scores).astype(np.float64) if scores else np.zeros(0)
 
 
@@ -317,7 +97,7 @@ def predict_scores(
 
 def _other_checkpoint(cfg: Config, conn: psycopg.Connection, version: str) -> Path:
     other = runs.get_run(conn, cfg, version)
-    path = runs.run_dir(cfg, other.model_version) / "best.pt"
+    path = paths.of(cfg).run(other.model_version).best_checkpoint
     if not path.is_file():
         raise InputError(
             f"evaluate.compare_to={version}: {path} does not exist (train that run first)"
@@ -355,7 +135,8 @@ def production_version(cfg: Config, conn: psycopg.Connection) -> tuple[str | Non
 # ---- "already done", checked ---------------------------------------------------------------
 
 # Bump when the evaluation itself changes (metrics, report): older results are then redone.
-EVALUATION_FORMAT = 1
+# 2: intervals from scipy.stats.bootstrap, report from the Jinja2 templates.
+EVALUATION_FORMAT = 2
 
 
 def evaluation_key(cfg: Config, the_run: runs.Run, best: Path, test_path: Path) -> str:
@@ -380,7 +161,7 @@ def evaluation_key(cfg: Config, the_run: runs.Run, best: Path, test_path: Path) 
 
 
 def already_evaluated(
-    cfg: Config, the_run: runs.Run, out_dir: Path, key: str
+    cfg: Config, the_run: runs.Run, run_paths: RunPaths, key: str
 ) -> tuple[dict[str, Any] | None, str]:
     """``(summary, "")`` when the run's recorded evaluation still stands: status at least
     ``evaluated``, made from the same inputs (:func:`evaluation_key`), metrics.json and
@@ -394,8 +175,10 @@ def already_evaluated(
         return None, "not evaluated yet"
     if rec.get("evaluation_key") != key:
         return None, "its inputs changed (config, checkpoint, test split or a compared model)"
-    for name, sha_key in (("metrics.json", "metrics_sha256"), ("report.html", "report_sha256")):
-        path = out_dir / name
+    for path, sha_key in (
+        (run_paths.metrics, "metrics_sha256"),
+        (run_paths.report, "report_sha256"),
+    ):
         if not path.is_file():
             return None, f"{path} is missing"
         if sha256_file(path) != rec.get(sha_key):
@@ -419,101 +202,66 @@ def already_evaluated(
 
 
 def run(cfg: Config, run: str | int = "latest") -> dict[str, Any]:
+    """Evaluate the best checkpoint of ``run`` (an id, a model version or "latest") on its
+    test split; returns the summary (also recorded in the run's params)."""
     import pyarrow.parquet as pq
+
+    from jobs.train import model as train_model
 
     log = logs.get_logger()
     started = time.monotonic()
-    e = cfg.evaluate
+    settings = cfg.evaluate
     with runs.claim(cfg, "evaluate", run) as (the_run, skipped):
         if skipped:
             return skipped
         runs.require(the_run, "trained")
-        out_dir = runs.run_dir(cfg, the_run.model_version)
-        best = out_dir / "best.pt"
+        run_paths = paths.of(cfg).run(the_run.model_version)
+        best = run_paths.best_checkpoint
         if not best.is_file():
             raise InputError(
                 f"{best} is missing: run 'airatings train --run {the_run.model_version}'"
             )
-        from jobs.train import model as M
-
-        ckpt = M.load_weights_only(best)
+        ckpt = train_model.load_weights_only(best)
         if ckpt.get("dataset_hash") != the_run.dataset_hash:
             raise InputError(
                 f"{best} was trained on dataset {ckpt.get('dataset_hash')}, the run has {the_run.dataset_hash}"
             )
         target = ckpt["spec"]["target"]
-        active = out_dir / "active"
-        test_path = active / f"manifest_{SPLIT}.parquet"
+        test_path = run_paths.active_manifest(SPLIT)
         if not test_path.is_file():
             raise InputError(f"{test_path} is missing: run 'airatings cache' first")
         key = evaluation_key(cfg, the_run, best, test_path)
-        done, why = already_evaluated(cfg, the_run, out_dir, key)
+        done, why = already_evaluated(cfg, the_run, run_paths, key)
         if done is not None:
             log.info("evaluate_already_done", report=done.get("report_html"))
             return done | {"seconds": round(time.monotonic() - started, 3)}
         if the_run.reached("evaluated"):
             log.info("evaluation_redone", reason=why)
-        tbl = pq.read_table(test_path).to_pydict()
-        y = np.asarray(tbl["label_value"], dtype=np.float64)
-        paths = [cfg.artifacts_dir / p for p in tbl["train_image_path"]]
+        test_table = pq.read_table(test_path).to_pydict()
+        y = np.asarray(test_table["label_value"], dtype=np.float64)
+        image_paths = [cfg.artifacts_dir / p for p in test_table["train_image_path"]]
         n = len(y)
         threshold = cfg.dataset.good_threshold
-        s = predict_scores(cfg, best, paths, batch_size=e.batch_size)
+        s = predict_scores(cfg, best, image_paths, batch_size=settings.batch_size)
         log.info("test_split_scored", rows=n, target=target)
 
-        kw = {"samples": e.bootstrap_samples, "level": e.ci_level, "seed": e.seed}
-        metrics: dict[str, dict[str, dict[str, Any]]] = {
-            "all": headline_metrics(
-                y, s, threshold, min_rows=e.min_test_rows, names=(*HEADLINE, "bias"), **kw
-            )
+        boot = {
+            "samples": settings.bootstrap_samples,
+            "level": settings.ci_level,
+            "seed": settings.seed,
         }
-        for name, mask in slice_masks(tbl).items():
-            metrics[name] = headline_metrics(
-                y[mask],
-                s[mask],
-                threshold,
-                min_rows=e.min_slice_size,
-                slice_name=name,
-                names=("mae", "rmse", "bias", "spearman", "roc_auc"),
-                ci_names=("mae",),
-                **kw,
-            )
-
-        # baselines on the same rows
-        train_tbl = pq.read_table(active / "manifest_train.parquet", columns=["label_value"])
-        train_mean = float(np.mean(train_tbl.column("label_value").to_numpy()))
-        enough = n >= e.min_test_rows
-        baselines: dict[str, Any] = {}
-        const = np.full(n, train_mean)
-        baselines["constant"] = {
-            "prediction": train_mean,
-            **(
-                paired_bootstrap(y, s, const, key="baseline|constant", **kw)
-                if enough
-                else {"status": INSUFFICIENT, "n": n}
-            ),
-        }
-        with db.connect(cfg, autocommit=True) as conn:
-            if e.compare_to:
-                other = _other_checkpoint(cfg, conn, e.compare_to)
-                s_other = predict_scores(cfg, other, paths, batch_size=e.batch_size)
-                baselines[f"run:{e.compare_to}"] = (
-                    paired_bootstrap(y, s, s_other, key=f"baseline|{e.compare_to}", **kw)
-                    if enough
-                    else {"status": INSUFFICIENT, "n": n}
-                )
-            prod, prod_note = production_version(cfg, conn)
-        production: dict[str, Any] = {"model_version": prod, "note": prod_note}
-        if prod is not None and prod != the_run.model_version:
-            with db.connect(cfg, autocommit=True) as conn:
-                prod_ckpt = _other_checkpoint(cfg, conn, prod)
-            s_prod = predict_scores(cfg, prod_ckpt, paths, batch_size=e.batch_size)
-            production.update(
-                paired_bootstrap(y, s, s_prod, key="baseline|production", **kw)
-                if enough
-                else {"status": INSUFFICIENT, "n": n}
-            )
-
+        result_metrics = metrics.sliced_metrics(
+            y,
+            s,
+            test_table,
+            threshold,
+            min_test_rows=settings.min_test_rows,
+            min_slice_size=settings.min_slice_size,
+            **boot,
+        )
+        baselines, production = compare_with_baselines(
+            cfg, the_run, run_paths, y, s, image_paths, boot
+        )
         result = {
             "model_version": the_run.model_version,
             "run_id": the_run.id,
@@ -521,37 +269,40 @@ def run(cfg: Config, run: str | int = "latest") -> dict[str, Any]:
             "split": SPLIT,
             "n": n,
             "target": target,
-            "score_mapping": M.SCORE_MAPPING[target],
+            "score_mapping": train_model.SCORE_MAPPING[target],
             "good_threshold": threshold,
             "checkpoint": str(best),
             "best_epoch": ckpt.get("epoch"),
-            "bootstrap": {"samples": e.bootstrap_samples, "ci_level": e.ci_level, "seed": e.seed},
-            "min_test_rows": e.min_test_rows,
-            "min_slice_size": e.min_slice_size,
-            "metrics": metrics,
-            "confusion_matrix": confusion(y, s, threshold) if n else None,
-            "calibration": calibration(y, s) if n else [],
+            "bootstrap": {
+                "samples": settings.bootstrap_samples,
+                "ci_level": settings.ci_level,
+                "seed": settings.seed,
+            },
+            "min_test_rows": settings.min_test_rows,
+            "min_slice_size": settings.min_slice_size,
+            "metrics": result_metrics,
+            "confusion_matrix": metrics.confusion(y, s, threshold) if n else None,
+            "calibration": metrics.calibration(y, s) if n else [],
             "baselines": baselines,
             "production": production,
         }
+        page = report.evaluation_page(
+            result, report.evaluation_plots(y, s, result, run_paths.history)
+        )
         # A lost lock (RELIABILITY 27): a twin may be evaluating too; write nothing.
         db.check_locks()
-        metrics_path = out_dir / "metrics.json"
         atomic_write_text(
-            metrics_path, json.dumps(result, indent=2, sort_keys=True, allow_nan=False)
+            run_paths.metrics, json.dumps(result, indent=2, sort_keys=True, allow_nan=False)
         )
-        report_path = out_dir / "report.html"
-        atomic_write_text(
-            report_path, render_report(result, y, s, metrics, out_dir / "history.csv")
-        )
+        atomic_write_text(run_paths.report, page)
 
         rows = evaluation_rows(result)
-        summary = summary_of(result, metrics_path, report_path, len(rows))
+        summary = summary_of(result, run_paths.metrics, run_paths.report, len(rows))
         # what a later run checks before it trusts this one (already_evaluated)
         summary |= {
             "evaluation_key": key,
-            "metrics_sha256": sha256_file(metrics_path),
-            "report_sha256": sha256_file(report_path),
+            "metrics_sha256": sha256_file(run_paths.metrics),
+            "report_sha256": sha256_file(run_paths.report),
         }
         with db.connect(cfg) as conn, conn.transaction():
             db.check_locks()  # set_status checks again right before the final update
@@ -565,9 +316,55 @@ def run(cfg: Config, run: str | int = "latest") -> dict[str, Any]:
             spearman=summary["spearman"],
             vs_constant=summary["vs_constant"],
             db_rows=len(rows),
-            report=str(report_path),
+            report=str(run_paths.report),
         )
         return summary
+
+
+def compare_with_baselines(
+    cfg: Config,
+    the_run: runs.Run,
+    run_paths: RunPaths,
+    y: np.ndarray,
+    s: np.ndarray,
+    image_paths: list[Path],
+    boot: dict[str, Any],
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(baselines, production): the model's MAE against the constant training mean, the
+    ``evaluate.compare_to`` run and the production model, each on the same rows (paired)."""
+    import pyarrow.parquet as pq
+
+    settings = cfg.evaluate
+
+    def compared(s_other: np.ndarray, key: str) -> dict[str, Any]:
+        return metrics.comparison(y, s, s_other, min_rows=settings.min_test_rows, key=key, **boot)
+
+    train_labels = pq.read_table(run_paths.active_manifest("train"), columns=["label_value"])
+    train_mean = float(np.mean(train_labels.column("label_value").to_numpy()))
+    baselines: dict[str, Any] = {
+        "constant": {
+            "prediction": train_mean,
+            **compared(np.full(len(y), train_mean), "baseline|constant"),
+        }
+    }
+    with db.connect(cfg, autocommit=True) as conn:
+        other = _other_checkpoint(cfg, conn, settings.compare_to) if settings.compare_to else None
+        prod, prod_note = production_version(cfg, conn)
+        prod_ckpt = (
+            _other_checkpoint(cfg, conn, prod)
+            if prod is not None and prod != the_run.model_version
+            else None
+        )
+    if other is not None:
+        s_other = predict_scores(cfg, other, image_paths, batch_size=settings.batch_size)
+        baselines[f"run:{settings.compare_to}"] = compared(
+            s_other, f"baseline|{settings.compare_to}"
+        )
+    production: dict[str, Any] = {"model_version": prod, "note": prod_note}
+    if prod_ckpt is not None:
+        s_prod = predict_scores(cfg, prod_ckpt, image_paths, batch_size=settings.batch_size)
+        production.update(compared(s_prod, "baseline|production"))
+    return baselines, production
 
 
 def summary_of(
@@ -650,183 +447,3 @@ def write_rows(conn: psycopg.Connection, cfg: Config, the_run: runs.Run, rows: l
         cur.executemany(
             q, [(the_run.model_version, the_run.id, the_run.dataset_hash, SPLIT, *r) for r in rows]
         )
-
-
-# ---- report --------------------------------------------------------------------------------
-
-
-def _plots(
-    y: np.ndarray, s: np.ndarray, result: dict[str, Any], history: Path
-) -> list[tuple[str, str]]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import precision_recall_curve
-
-    from jobs.report import figure_png
-
-    out = []
-    t = result["good_threshold"]
-    fig, ax = plt.subplots(figsize=(5, 4.2))
-    ax.scatter(y, s, s=10, alpha=0.6)
-    ax.plot([0, 5], [0, 5], color="grey", lw=1)
-    ax.axhline(t, color="tab:red", lw=0.8, ls="--")
-    ax.set(
-        xlabel="human label (0..5)", ylabel="predicted score", xlim=(-0.1, 5.1), ylim=(-0.1, 5.1)
-    )
-    out.append(("Predicted vs human (test)", figure_png(fig)))
-
-    cal = [c for c in result["calibration"] if c["n"]]
-    fig, ax = plt.subplots(figsize=(5, 4.2))
-    ax.plot([0, 5], [0, 5], color="grey", lw=1)
-    if cal:
-        ax.plot([c["mean_predicted"] for c in cal], [c["mean_human"] for c in cal], marker="o")
-        for c in cal:
-            ax.annotate(str(c["n"]), (c["mean_predicted"], c["mean_human"]), fontsize=8)
-    ax.set(xlabel="mean predicted (bucket)", ylabel="mean human", xlim=(0, 5), ylim=(0, 5))
-    out.append(("Calibration by predicted bucket (n annotated)", figure_png(fig)))
-
-    good = y >= t
-    fig, ax = plt.subplots(figsize=(5, 4.2))
-    if good.any() and not good.all():
-        p, r, _ = precision_recall_curve(good, s)
-        ax.plot(r, p)
-        ax.axhline(good.mean(), color="grey", lw=1, ls="--")
-    else:
-        ax.text(0.5, 0.5, "insufficient data (one class)", ha="center")
-    ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02))
-    out.append((f"Precision-recall, good = label >= {t:g}", figure_png(fig)))
-
-    sl = [
-        (k, v["mae"])
-        for k, v in result["metrics"].items()
-        if k != "all" and v["mae"]["status"] == OK
-    ]
-    fig, ax = plt.subplots(figsize=(5, max(2.5, 0.3 * len(sl) + 1)))
-    if sl:
-        names = [k for k, _ in sl]
-        vals = np.array([m["value"] for _, m in sl])
-        lo = np.array([m["ci_low"] if m["ci_low"] is not None else m["value"] for _, m in sl])
-        hi = np.array([m["ci_high"] if m["ci_high"] is not None else m["value"] for _, m in sl])
-        ax.barh(names, vals, xerr=[vals - lo, hi - vals], color="tab:blue", alpha=0.7)
-        ax.invert_yaxis()
-    else:
-        ax.text(0.5, 0.5, "no slice has enough rows", ha="center")
-    ax.set(xlabel="MAE (95% CI)")
-    out.append(("Error by slice", figure_png(fig)))
-
-    if history.is_file():
-        import csv
-
-        with open(history, newline="") as f:
-            hist = list(csv.DictReader(f))
-        if hist:
-            ep = [int(r["epoch"]) for r in hist]
-            fig, ax = plt.subplots(figsize=(5, 4.2))
-            for col in ("train_loss", "val_loss", "val_mae"):
-                vals = [float(r[col]) if r.get(col) else np.nan for r in hist]
-                ax.plot(ep, vals, marker="o", label=col)
-            ax.set(xlabel="epoch")
-            ax.legend()
-            out.append(("Training curves (history.csv)", figure_png(fig)))
-    return out
-
-
-def render_report(
-    result: dict[str, Any],
-    y: np.ndarray,
-    s: np.ndarray,
-    metrics: dict[str, Any],
-    history: Path,
-    plots: Callable[..., list[tuple[str, str]]] = _plots,
-) -> str:
-    from jobs import report as R
-
-    allm = metrics["all"]
-    head = R.table(
-        ["metric", "value", "CI low", "CI high", "n"],
-        [
-            # a metric without a bootstrap interval (bias) shows a dash, not "insufficient data"
-            (
-                k,
-                m["value"],
-                *(
-                    m[c] if m[c] is not None or m["value"] is None else "-"
-                    for c in ("ci_low", "ci_high")
-                ),
-                m["n"],
-            )
-            for k, m in allm.items()
-        ],
-    )
-    cm = result["confusion_matrix"] or {}
-    conf = R.table(
-        ["", "predicted good", "predicted not good"],
-        [
-            ("human good", cm.get("tp"), cm.get("fn")),
-            ("human not good", cm.get("fp"), cm.get("tn")),
-        ],
-    )
-    cal = R.table(
-        ["bucket", "n", "mean predicted", "mean human"],
-        [
-            (c["bucket"], c["n"], c["mean_predicted"], c["mean_human"])
-            for c in result["calibration"]
-        ],
-    )
-    base_rows = []
-    for name, b in {**result["baselines"], "production": result["production"]}.items():
-        compared = b.get("mae_diff") is not None or b.get("status") == "insufficient_data"
-        # no comparison made (no production model yet): dashes, not "insufficient data"
-        cells = [
-            b.get(k) if compared else "-" for k in ("mae_other", "mae_diff", "ci_low", "ci_high")
-        ]
-        base_rows.append((name, *cells, b.get("verdict") or b.get("note") or b.get("status")))
-    base = R.table(
-        ["compared with", "its MAE", "MAE diff (model - it)", "CI low", "CI high", "verdict"],
-        base_rows,
-    )
-    sized = {
-        k: v for k, v in metrics.items() if k != "all" and v["mae"]["status"] != "insufficient_data"
-    }
-    small = [(k, v["mae"]["n"]) for k, v in metrics.items() if k != "all" and k not in sized]
-    slices = R.table(
-        ["slice", "n", "MAE", "MAE CI low", "MAE CI high", "RMSE", "bias", "Spearman", "ROC AUC"],
-        [
-            (
-                k,
-                v["mae"]["n"],
-                v["mae"]["value"],
-                v["mae"]["ci_low"],
-                v["mae"]["ci_high"],
-                v["rmse"]["value"],
-                v["bias"]["value"],
-                v["spearman"]["value"],
-                v["roc_auc"]["value"],
-            )
-            for k, v in sized.items()
-        ],
-    )
-    if small:
-        slices += R.paragraph(
-            f"Insufficient data (fewer than {result['min_slice_size']} rows), no metrics: "
-            + ", ".join(f"{k} (n={n})" for k, n in small)
-            + "."
-        )
-    intro = R.paragraph(
-        f"Run {result['model_version']} (target {result['target']}, score = {result['score_mapping']}), "
-        f"dataset {result['dataset_hash']}, {result['n']} test rows, best epoch {result['best_epoch']}. "
-        f"Good = label >= {result['good_threshold']:g}. CIs: {result['bootstrap']['samples']} seeded "
-        f"bootstrap resamples, level {result['bootstrap']['ci_level']:g}. Slices smaller than "
-        f"{result['min_slice_size']} rows get no metrics ('insufficient data')."
-    )
-    sections = [
-        ("Summary", intro + head),
-        ("Plots", R.figures(plots(y, s, result, history))),
-        ("Classification at the threshold", conf),
-        ("Calibration", cal),
-        ("Baselines (paired bootstrap on the same rows)", base),
-        ("Slices", slices),
-    ]
-    return R.page(f"Evaluation: {result['model_version']}", sections)

@@ -1,24 +1,44 @@
-"""A self-contained HTML report: tables plus matplotlib (Agg) figures embedded as base64 PNGs.
+"""HTML pages from Jinja2 templates (``jobs/templates``), and the evaluation's report.html.
 
-No external assets, scripts or fonts: the file can be mailed or archived as is.
+Templates are autoescaped (a slice or model name is text, never markup); every page extends
+``base.html`` (the shell: styles, the title as header) and uses the pieces in ``macros.html``.
+Pages are self-contained: plots are matplotlib (Agg) figures embedded as base64 PNG data URIs,
+with no external assets, scripts or fonts, so a page can be mailed or archived as is.
 """
 
 from __future__ import annotations
 
 import base64
-import html
+import csv
+import functools
 import io
-from collections.abc import Iterable, Sequence
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-_CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1100px;color:#222}
-h1{font-size:1.5rem}h2{font-size:1.15rem;margin-top:2rem;border-bottom:1px solid #ddd}
-table{border-collapse:collapse;margin:.5rem 0;font-size:.9rem}
-td,th{border:1px solid #ddd;padding:.25rem .6rem;text-align:right}th{background:#f5f5f5}
-td:first-child,th:first-child{text-align:left}.muted{color:#888}img{max-width:100%}
-.figs{display:flex;flex-wrap:wrap;gap:1rem}.figs figure{margin:0;flex:1 1 460px}
-"""
+import numpy as np
+
+from jobs.metrics import INSUFFICIENT, OK
+
+if TYPE_CHECKING:
+    import jinja2
+
+
+@functools.cache
+def environment() -> jinja2.Environment:
+    from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
+
+    return Environment(
+        loader=PackageLoader("jobs", "templates"),
+        autoescape=select_autoescape(["html"]),
+        undefined=StrictUndefined,  # a misspelt name fails the render, not a blank cell
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+
+
+def render(template: str, **context: Any) -> str:
+    """``jobs/templates/<template>`` rendered with ``context`` (autoescaped)."""
+    return environment().get_template(template).render(**context)
 
 
 def figure_png(fig: Any, *, dpi: int = 100) -> str:
@@ -31,38 +51,147 @@ def figure_png(fig: Any, *, dpi: int = 100) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def fmt(value: Any, digits: int = 3) -> str:
-    if value is None:
-        return '<span class="muted">insufficient data</span>'
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return html.escape(str(value))
+# ---- the evaluation report -----------------------------------------------------------------
 
 
-def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{fmt(c)}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+def evaluation_plots(
+    y: np.ndarray, s: np.ndarray, result: dict[str, Any], history: Path
+) -> list[tuple[str, str]]:
+    """(caption, data URI) of the evaluation's plots: predicted vs human, calibration,
+    precision-recall, MAE by slice, and the training curves when ``history`` exists."""
+    import matplotlib
 
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import precision_recall_curve
 
-def figures(items: Iterable[tuple[str, str]]) -> str:
-    """(caption, data URI) pairs side by side."""
-    parts = [
-        f'<figure><img alt="{html.escape(cap)}" src="{uri}"><figcaption>{html.escape(cap)}</figcaption></figure>'
-        for cap, uri in items
+    out = []
+    t = result["good_threshold"]
+    fig, ax = plt.subplots(figsize=(5, 4.2))
+    ax.scatter(y, s, s=10, alpha=0.6)
+    ax.plot([0, 5], [0, 5], color="grey", lw=1)
+    ax.axhline(t, color="tab:red", lw=0.8, ls="--")
+    ax.set(
+        xlabel="human label (0..5)", ylabel="predicted score", xlim=(-0.1, 5.1), ylim=(-0.1, 5.1)
+    )
+    out.append(("Predicted vs human (test)", figure_png(fig)))
+
+    cal = [c for c in result["calibration"] if c["n"]]
+    fig, ax = plt.subplots(figsize=(5, 4.2))
+    ax.plot([0, 5], [0, 5], color="grey", lw=1)
+    if cal:
+        ax.plot([c["mean_predicted"] for c in cal], [c["mean_human"] for c in cal], marker="o")
+        for c in cal:
+            ax.annotate(str(c["n"]), (c["mean_predicted"], c["mean_human"]), fontsize=8)
+    ax.set(xlabel="mean predicted (bucket)", ylabel="mean human", xlim=(0, 5), ylim=(0, 5))
+    out.append(("Calibration by predicted bucket (n annotated)", figure_png(fig)))
+
+    good = y >= t
+    fig, ax = plt.subplots(figsize=(5, 4.2))
+    if good.any() and not good.all():
+        precision, recall, _ = precision_recall_curve(good, s)
+        ax.plot(recall, precision)
+        ax.axhline(good.mean(), color="grey", lw=1, ls="--")
+    else:
+        ax.text(0.5, 0.5, "insufficient data (one class)", ha="center")
+    ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02))
+    out.append((f"Precision-recall, good = label >= {t:g}", figure_png(fig)))
+
+    sliced = [
+        (k, v["mae"])
+        for k, v in result["metrics"].items()
+        if k != "all" and v["mae"]["status"] == OK
     ]
-    return f'<div class="figs">{"".join(parts)}</div>'
+    fig, ax = plt.subplots(figsize=(5, max(2.5, 0.3 * len(sliced) + 1)))
+    if sliced:
+        names = [k for k, _ in sliced]
+        vals = np.array([m["value"] for _, m in sliced])
+        lo = np.array([m["ci_low"] if m["ci_low"] is not None else m["value"] for _, m in sliced])
+        hi = np.array([m["ci_high"] if m["ci_high"] is not None else m["value"] for _, m in sliced])
+        ax.barh(names, vals, xerr=[vals - lo, hi - vals], color="tab:blue", alpha=0.7)
+        ax.invert_yaxis()
+    else:
+        ax.text(0.5, 0.5, "no slice has enough rows", ha="center")
+    ax.set(xlabel="MAE (95% CI)")
+    out.append(("Error by slice", figure_png(fig)))
+
+    if history.is_file():
+        with open(history, newline="") as f:
+            hist = list(csv.DictReader(f))
+        if hist:
+            epochs = [int(r["epoch"]) for r in hist]
+            fig, ax = plt.subplots(figsize=(5, 4.2))
+            for col in ("train_loss", "val_loss", "val_mae"):
+                vals = [float(r[col]) if r.get(col) else np.nan for r in hist]
+                ax.plot(epochs, vals, marker="o", label=col)
+            ax.set(xlabel="epoch")
+            ax.legend()
+            out.append(("Training curves (history.csv)", figure_png(fig)))
+    return out
 
 
-def paragraph(text: str) -> str:
-    return f"<p>{html.escape(text)}</p>"
-
-
-def page(title: str, sections: Iterable[tuple[str, str]]) -> str:
-    """A complete HTML document; ``sections`` are (heading, trusted inner HTML) pairs."""
-    body = "".join(f"<h2>{html.escape(h)}</h2>{inner}" for h, inner in sections)
-    return (
-        "<!doctype html><html lang=en><head><meta charset=utf-8>"
-        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head>"
-        f"<body><h1>{html.escape(title)}</h1>{body}</body></html>"
+def evaluation_page(result: dict[str, Any], plots: list[tuple[str, str]]) -> str:
+    """report.html for an evaluation ``result`` (what metrics.json holds) and its ``plots``
+    ((caption, data URI) pairs, :func:`evaluation_plots`)."""
+    metrics = result["metrics"]
+    summary_rows = [
+        # a metric without a bootstrap interval (bias) shows a dash, not "insufficient data"
+        (
+            name,
+            m["value"],
+            *(
+                m[c] if m[c] is not None or m["value"] is None else "-"
+                for c in ("ci_low", "ci_high")
+            ),
+            m["n"],
+        )
+        for name, m in metrics["all"].items()
+    ]
+    cm = result["confusion_matrix"] or {}
+    confusion_rows = [
+        ("human good", cm.get("tp"), cm.get("fn")),
+        ("human not good", cm.get("fp"), cm.get("tn")),
+    ]
+    calibration_rows = [
+        (c["bucket"], c["n"], c["mean_predicted"], c["mean_human"]) for c in result["calibration"]
+    ]
+    baseline_rows = []
+    for name, b in {**result["baselines"], "production": result["production"]}.items():
+        compared = b.get("mae_diff") is not None or b.get("status") == INSUFFICIENT
+        # no comparison made (no production model yet): dashes, not "insufficient data"
+        cells = [
+            b.get(k) if compared else "-" for k in ("mae_other", "mae_diff", "ci_low", "ci_high")
+        ]
+        baseline_rows.append((name, *cells, b.get("verdict") or b.get("note") or b.get("status")))
+    slices = {k: v for k, v in metrics.items() if k != "all"}
+    slice_rows = [
+        (
+            k,
+            v["mae"]["n"],
+            v["mae"]["value"],
+            v["mae"]["ci_low"],
+            v["mae"]["ci_high"],
+            v["rmse"]["value"],
+            v["bias"]["value"],
+            v["spearman"]["value"],
+            v["roc_auc"]["value"],
+        )
+        for k, v in slices.items()
+        if v["mae"]["status"] != INSUFFICIENT
+    ]
+    # small slices are listed once with their size instead of rows of "insufficient data"
+    small_slices = [
+        f"{k} (n={v['mae']['n']})" for k, v in slices.items() if v["mae"]["status"] == INSUFFICIENT
+    ]
+    return render(
+        "report.html",
+        title=f"Evaluation: {result['model_version']}",
+        result=result,
+        plots=plots,
+        summary_rows=summary_rows,
+        confusion_rows=confusion_rows,
+        calibration_rows=calibration_rows,
+        baseline_rows=baseline_rows,
+        slice_rows=slice_rows,
+        small_slices=small_slices,
     )

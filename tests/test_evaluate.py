@@ -1,12 +1,11 @@
-"""`airatings evaluate`: metrics on fixed predictions vs hand-computed values, then the whole
-job on a tiny trained world (report, metrics.json, model_evaluations rows, reproducibility)."""
+"""`airatings evaluate`: the whole job on a tiny trained world (report, metrics.json,
+model_evaluations rows, reproducibility, "already done"). The metrics themselves:
+tests/test_metrics.py; the report's templates: tests/test_report.py."""
 
 from __future__ import annotations
 
 import json
-import math
 
-import numpy as np
 import pytest
 from browser import inspect_page
 from psycopg import sql
@@ -14,80 +13,9 @@ from train_fixtures import FAST, make_world, run_status
 
 import jobs.evaluate as E
 import jobs.train
-from jobs import db
+from jobs import db, paths
 from jobs.errors import InputError, TransientError
 from jobs.runs import table
-
-
-def test_regression_and_classification_metrics_match_hand_computed_values():
-    y = np.array([1.0, 2.0, 4.0, 5.0])
-    s = np.array([1.5, 2.0, 3.5, 4.0])
-    t = 4.0
-    # errors 0.5, 0, -0.5, -1
-    assert E.metric_value("mae", y, s, t) == pytest.approx(0.5)
-    assert E.metric_value("rmse", y, s, t) == pytest.approx(math.sqrt(1.5 / 4))
-    assert E.metric_value("bias", y, s, t) == pytest.approx(-0.25)
-    assert E.metric_value("spearman", y, s, t) == pytest.approx(1.0)
-    # deviations s: -1.25 -0.75 0.75 1.25, y: -2 -1 1 2 -> 6.5 / sqrt(4.25 * 10)
-    assert E.metric_value("pearson", y, s, t) == pytest.approx(6.5 / math.sqrt(42.5))
-    # good = [F, F, T, T], predicted good = [F, F, F, T]: tp 1, fp 0, fn 1, tn 2
-    assert E.confusion(y, s, t) == {"tp": 1, "fp": 0, "fn": 1, "tn": 2}
-    assert E.metric_value("precision", y, s, t) == pytest.approx(1.0)
-    assert E.metric_value("recall", y, s, t) == pytest.approx(0.5)
-    assert E.metric_value("f1", y, s, t) == pytest.approx(2 / 3)
-
-    # ROC AUC: positives score 0.35, 0.8; negatives 0.1, 0.4 -> 3 of 4 pairs ordered = 0.75
-    # AP: ranked 0.8(+) 0.4(-) 0.35(+) 0.1(-): precision at the hits 1 and 2/3 -> 5/6
-    y2 = np.array([1.0, 1.0, 4.5, 4.5])
-    s2 = np.array([0.1, 0.4, 0.35, 0.8])
-    assert E.metric_value("roc_auc", y2, s2, t) == pytest.approx(0.75)
-    assert E.metric_value("pr_auc", y2, s2, t) == pytest.approx(5 / 6)
-    # a tie between a positive and a negative counts half
-    assert E.metric_value(
-        "roc_auc", np.array([1.0, 4.5]), np.array([2.0, 2.0]), t
-    ) == pytest.approx(0.5)
-    # undefined: one class, constant predictions, nothing predicted good
-    assert E.metric_value("roc_auc", y2[:2], s2[:2], t) is None
-    assert E.metric_value("spearman", y, np.full(4, 2.0), t) is None
-    assert E.metric_value("precision", y, np.zeros(4), t) is None
-
-
-def test_calibration_buckets():
-    y = np.array([1.0, 0.0, 4.0, 5.0, 2.0])
-    s = np.array([0.5, 0.7, 4.2, 5.0, 2.5])
-    cal = E.calibration(y, s)
-    assert [c["n"] for c in cal] == [2, 0, 1, 0, 2]
-    assert cal[0]["mean_predicted"] == pytest.approx(0.6) and cal[0]["mean_human"] == pytest.approx(
-        0.5
-    )
-    assert cal[4]["bucket"] == "[4,5]" and cal[4]["mean_predicted"] == pytest.approx(4.6)
-    assert cal[1]["mean_predicted"] is None
-
-
-def test_bootstrap_is_seeded_and_paired_verdicts():
-    rng = np.random.default_rng(0)
-    y = rng.uniform(0, 5, 200)
-    good = y + rng.normal(0, 0.3, 200)
-    const = np.full(200, y.mean())
-    kw = {"samples": 300, "level": 0.95, "seed": 7}
-    a = E.bootstrap_ci("mae", y, good, 4.0, key="all|mae", **kw)
-    b = E.bootstrap_ci("mae", y, good, 4.0, key="all|mae", **kw)
-    assert a == b and a[0] < E.metric_value("mae", y, good, 4.0) < a[1]
-    lo, hi = E.bootstrap_ci("spearman", y, good, 4.0, key="all|spearman", **kw)
-    assert 0.9 < lo < hi <= 1.0
-    assert E.paired_bootstrap(y, good, const, key="k", **kw)["verdict"] == "better"
-    assert E.paired_bootstrap(y, const, good, key="k", **kw)["verdict"] == "worse"
-    same = E.paired_bootstrap(y, good, good, key="k", **kw)
-    assert same["verdict"] == "no detectable difference" and same["mae_diff"] == 0
-
-
-def test_too_few_rows_is_insufficient_data_not_a_number():
-    y = np.array([1.0, 4.5, 3.0])
-    s = np.array([1.2, 4.0, 2.0])
-    m = E.headline_metrics(y, s, 4.0, min_rows=30, samples=50, level=0.95, seed=1)
-    assert all(v["status"] == "insufficient_data" and v["value"] is None for v in m.values())
-    m = E.headline_metrics(y, s, 4.0, min_rows=2, samples=50, level=0.95, seed=1)
-    assert m["mae"]["status"] == "ok" and m["mae"]["value"] == pytest.approx(1.7 / 3)
 
 
 def _db_rows(cfg, version):
@@ -122,8 +50,8 @@ def test_evaluate_job_end_to_end(make_cfg):
     assert "no model_aliases table" in out["production"]
     assert run_status(cfg, world["run_id"])[0] == "evaluated"
 
-    run_dir = cfg.artifacts_dir / "runs" / version
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    run_paths = paths.of(cfg).run(version)
+    metrics = json.loads(run_paths.metrics.read_text())
     allm = metrics["metrics"]["all"]
     assert allm["mae"]["ci_low"] <= allm["mae"]["value"] <= allm["mae"]["ci_high"]
     assert metrics["metrics"]["phase=sunrise"]["mae"]["status"] == "ok"
@@ -132,13 +60,13 @@ def test_evaluate_job_end_to_end(make_cfg):
     )  # 15 < 20 rows
     assert set(metrics["confusion_matrix"]) == {"tp", "fp", "fn", "tn"}
     assert sum(metrics["confusion_matrix"].values()) == 45
-    html = (run_dir / "report.html").read_text()
+    html = run_paths.report.read_text()
     assert html.count("data:image/png;base64,") == 5
     assert 'src="http' not in html and "<script" not in html
     # small slices are listed once with their size instead of rows of "insufficient data"
     assert "region=north (n=15)" in html and "<td>region=north</td>" not in html
     # What a person sees in a real browser: every plot decodes, the sections are there.
-    seen = inspect_page(run_dir / "report.html")
+    seen = inspect_page(run_paths.report)
     assert seen["images"] == 5 and seen["decoded"] == 5, seen["broken"]
     assert seen["title"] == f"Evaluation: {version}"
     assert {"Summary", "Plots", "Slices"} <= set(seen["headings"])
@@ -155,13 +83,13 @@ def test_evaluate_job_end_to_end(make_cfg):
     # a re-run reproduces the same numbers (seeded bootstrap) and upserts the same keys
     E.run(cmp_cfg)
     assert _db_rows(cfg, version) == rows
-    assert json.loads((run_dir / "metrics.json").read_text()) == metrics
+    assert json.loads(run_paths.metrics.read_text()) == metrics
 
     # too few test rows for the whole split: insufficient data, not numbers
     strict = make_cfg(**FAST, evaluate__bootstrap_samples=200, evaluate__min_test_rows=1000)
     out = E.run(strict)
     assert out["mae"] == "insufficient_data" and out["vs_constant"] == "insufficient_data"
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = json.loads(run_paths.metrics.read_text())
     assert metrics["metrics"]["all"]["spearman"] == {
         "value": None,
         "status": "insufficient_data",
@@ -213,7 +141,7 @@ def test_evaluate_whose_lock_was_lost_exits_75_and_writes_no_result(make_cfg, mo
     assert info.value.exit_code == 75
     assert run_status(cfg, world["run_id"])[0] == "trained"
     assert _db_rows(cfg, world["model_version"]) == []
-    assert not (cfg.artifacts_dir / "runs" / world["model_version"] / "metrics.json").exists()
+    assert not paths.of(cfg).run(world["model_version"]).metrics.exists()
 
 
 def test_already_evaluated_is_checked_against_its_files_rows_and_inputs(make_cfg):
@@ -225,22 +153,22 @@ def test_already_evaluated_is_checked_against_its_files_rows_and_inputs(make_cfg
     world = make_world(cfg, n=120)
     jobs.train.run(cfg)
     version = world["model_version"]
-    run_dir = cfg.artifacts_dir / "runs" / version
+    run_paths = paths.of(cfg).run(version)
     first = E.run(cfg)
     assert first["status"] == "evaluated"
-    metrics, report = (run_dir / "metrics.json").read_text(), (run_dir / "report.html").read_text()
+    metrics, report = run_paths.metrics.read_text(), run_paths.report.read_text()
     rows = _db_rows(cfg, version)
 
     again = E.run(cfg)
     assert again["status"] == "already_done" and again["mae"] == first["mae"]
 
-    (run_dir / "report.html").unlink()
+    run_paths.report.unlink()
     out = E.run(cfg)
-    assert out["status"] == "evaluated" and (run_dir / "report.html").read_text() == report
+    assert out["status"] == "evaluated" and run_paths.report.read_text() == report
 
-    (run_dir / "metrics.json").write_text(metrics.replace('"n": ', '"n": 1'))
+    run_paths.metrics.write_text(metrics.replace('"n": ', '"n": 1'))
     assert E.run(cfg)["status"] == "evaluated"
-    assert (run_dir / "metrics.json").read_text() == metrics  # the seeded numbers, rewritten
+    assert run_paths.metrics.read_text() == metrics  # the seeded numbers, rewritten
 
     with db.connect(cfg) as conn:
         conn.execute(
@@ -259,7 +187,7 @@ def test_already_evaluated_is_checked_against_its_files_rows_and_inputs(make_cfg
     assert E.run(other)["status"] == "already_done"
     import torch
 
-    ckpt = torch.load(run_dir / "best.pt", weights_only=True)
-    torch.save({**ckpt, "note": "another checkpoint"}, run_dir / "best.pt")
+    ckpt = torch.load(run_paths.best_checkpoint, weights_only=True)
+    torch.save({**ckpt, "note": "another checkpoint"}, run_paths.best_checkpoint)
     assert E.run(other)["status"] == "evaluated"
     assert run_status(cfg, world["run_id"])[0] == "evaluated"
