@@ -365,15 +365,6 @@ def lock_key(*parts: object) -> int:
     return int.from_bytes(digest[:8], "big", signed=True)
 
 
-def try_advisory_lock(conn: psycopg.Connection, *parts: object) -> bool:
-    """Session-level try-lock: True if we hold it now. Released on unlock or disconnect."""
-    return bool(conn.execute("select pg_try_advisory_lock(%s)", (lock_key(*parts),)).fetchone()[0])
-
-
-def advisory_unlock(conn: psycopg.Connection, *parts: object) -> None:
-    conn.execute("select pg_advisory_unlock(%s)", (lock_key(*parts),))
-
-
 # Is this backend (the pid recorded when the lock was taken) still granted this key?
 # pg_locks shows a bigint key as classid (high 32 bits) and objid (low), objsubid 1.
 _LOCK_HELD_SQL = """
