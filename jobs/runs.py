@@ -50,11 +50,11 @@ def _row_to_run(row: tuple) -> Run:
     return Run(rid, version, status, dataset_hash, config_hash, params or {})
 
 
-def get_run(conn: psycopg.Connection, cfg: Config, ref: str | int = "latest") -> Run:
+def get_run(conn: psycopg.Connection, cfg: Config, run_ref: str | int = "latest") -> Run:
     """Resolve ``latest`` (newest non-failed run), a numeric id or a model version name."""
     cols = sql.SQL("id, model_version, status, dataset_hash, config_hash, params_json")
     runs = table(cfg, "model_training_runs")
-    ref_s = str(ref)
+    ref_s = str(run_ref)
     if ref_s == "latest":
         q = sql.SQL("select {} from {} where status <> 'failed' order by id desc limit 1").format(
             cols, runs
@@ -74,7 +74,7 @@ def get_run(conn: psycopg.Connection, cfg: Config, ref: str | int = "latest") ->
 
 
 @contextlib.contextmanager
-def claim(cfg: Config, job: str, ref: str | int) -> Iterator[tuple[Run, dict[str, Any] | None]]:
+def claim(cfg: Config, job: str, run_ref: str | int) -> Iterator[tuple[Run, dict[str, Any] | None]]:
     """Resolve the run, bind its log context and hold the (job, run) advisory lock.
 
     Yields ``(run, None)`` while the lock is held, the run re-read under the lock (a twin that
@@ -82,7 +82,7 @@ def claim(cfg: Config, job: str, ref: str | int) -> Iterator[tuple[Run, dict[str
     another process holds it: the caller returns that summary (exit 0, RELIABILITY.md 1).
     """
     with db.connect(cfg, autocommit=True) as conn:
-        run = get_run(conn, cfg, ref)
+        run = get_run(conn, cfg, run_ref)
     logs.bind(run_id=run.id, model_version=run.model_version)
     with db.job_lock(cfg, job, run.id) as held:
         if not held:
