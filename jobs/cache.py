@@ -1,18 +1,24 @@
 """`airatings cache`: a local, content-addressed image cache for a run's manifests.
 
-Reads the run's export manifests, downloads each distinct URL once (``jobs.fetch``: URL
-policy, limits, retries), validates every body with ``jobs.images.load_image`` (one decode,
-JPEG in draft mode, which also yields the training-size copy), and stores:
+Reads the run's export manifests (each verified against the sha256 the run's record holds),
+downloads each distinct URL once (``jobs.fetch``: URL policy, limits, retries; a fixed set of
+workers fed by a bounded queue, so memory does not grow with the URLs), validates every body
+with ``jobs.images.load_image`` (one decode, JPEG in draft mode, which also yields the
+training-size copy), and stores:
 
 - originals at ``<artifacts>/images/original/<aa>/<sha256>.<ext>`` (streamed to a temp file
   while hashed, validated, then renamed; names never derive from database strings),
 - training copies at ``<artifacts>/images/train<short_side>/<aa>/<sha256>.jpg``,
 - the URL -> sha256 index in the ``image_cache`` table (migration 0010), so a re-run, another
-  shard or the next run makes zero requests for what is cached,
+  shard or the next run makes zero requests for what is cached. A hit is re-checked against
+  the current config (``HitPolicy``) before its file is used: the index is not a bypass,
 
 then per run ``<artifacts>/runs/<model_version>/failures.parquet`` and the active manifests
 ``active/manifest_{train,val,test}.parquet`` (export columns + ``image_sha256``,
-``image_path``, ``train_image_path``), and moves the run to ``cached``. A failure rate over
+``image_path``, ``train_image_path``; their sha256s recorded in ``params_json['cache']
+['active_files']`` for training to verify), and moves the run to ``cached``. A run already
+``cached`` is done only if those files still match: otherwise the merge is redone, with no
+downloads. A failure rate over
 ``cache.failure_rate_limit`` fails the job naming the dominant reasons: exit 75 (retried) when
 most failures are transient (timeouts, connection errors, HTTP 429/5xx), else exit 2.
 
@@ -855,6 +861,35 @@ def _complete_shard_set(cfg: Config, run: runs.Run) -> list[Path]:
     return [complete[n][i] for i in range(n)]
 
 
+def _active_manifest(
+    table: pa.Table, results: pa.Table, keep: Any, pos: Any, short_side: int
+) -> pa.Table:
+    """The manifest rows whose image cached, with where the image is, in the contract."""
+    import pyarrow.compute as pc
+
+    from jobs.manifests import ACTIVE_SCHEMA
+
+    kept_pos = pos.filter(keep)
+    sha = results.column("image_sha256").take(kept_pos)
+    prefix = pc.utf8_slice_codeunits(sha, 0, 2)
+    active = table.filter(keep)
+    active = active.append_column("image_sha256", sha)
+    active = active.append_column(  # original_rel()
+        "image_path",
+        pc.binary_join_element_wise(
+            "images/original/", prefix, "/", sha, ".", results.column("ext").take(kept_pos), ""
+        ),
+    )
+    active = active.append_column(  # train_rel()
+        "train_image_path",
+        pc.binary_join_element_wise(f"images/train{short_side}/", prefix, "/", sha, ".jpg", ""),
+    )
+    ids = active.column("snapshot_id")
+    if len(ids) > 1 and not pc.all(pc.less_equal(ids[:-1], ids[1:])).as_py():
+        active = active.take(pc.sort_indices(active, [("snapshot_id", "ascending")]))
+    return active.cast(ACTIVE_SCHEMA)  # exactly the contract training reads
+
+
 def merge_shards(
     cfg: Config,
     run: runs.Run,
@@ -868,7 +903,6 @@ def merge_shards(
     import pyarrow.parquet as pq
 
     from jobs.fetch import redact_url
-    from jobs.manifests import ACTIVE_SCHEMA
 
     log = get_logger()
     manifests = manifests or read_manifests(cfg, run)
@@ -881,43 +915,28 @@ def merge_shards(
 
     short = cfg.cache.train_short_side
     fail_parts: list[pa.Table] = []
-    actives: dict[str, pa.Table] = {}
+    found: dict[str, tuple[pa.ChunkedArray, pa.ChunkedArray]] = {}  # split -> (keep, position)
     counts: dict[str, dict[str, int]] = {}
     for split, table in manifests.items():
         urls = table.column("firebase_url")
         missing = pc.fill_null(pc.equal(urls, ""), True)  # null or empty: nothing to fetch
         pos = pc.index_in(urls, value_set=results.column("url"))  # null: no shard has it
-        sha, ext, reason, attempts = (
-            results.column(name).take(pos) for name in ("image_sha256", "ext", "reason", "attempts")
+        got = pc.and_(
+            pc.is_valid(results.column("image_sha256").take(pos)),
+            pc.is_valid(results.column("ext").take(pos)),
         )
-        keep = pc.and_(pc.invert(missing), pc.and_(pc.is_valid(sha), pc.is_valid(ext)))
-        kept_sha, kept_ext = sha.filter(keep), ext.filter(keep)
-        prefix = pc.utf8_slice_codeunits(kept_sha, 0, 2)
-        active = table.filter(keep)
-        active = active.append_column("image_sha256", kept_sha)
-        active = active.append_column(  # original_rel()
-            "image_path",
-            pc.binary_join_element_wise(
-                "images/original/", prefix, "/", kept_sha, ".", kept_ext, ""
-            ),
-        )
-        active = active.append_column(  # train_rel()
-            "train_image_path",
-            pc.binary_join_element_wise(f"images/train{short}/", prefix, "/", kept_sha, ".jpg", ""),
-        )
-        active = active.take(pc.sort_indices(active, [("snapshot_id", "ascending")]))
-        active = active.cast(ACTIVE_SCHEMA)  # exactly the contract training reads
-        actives[split] = active
+        keep = pc.and_(pc.invert(missing), got)
+        found[split] = (keep, pos)
 
         lost = pc.invert(keep)
-        absent = pc.or_(missing, pc.is_null(pos)).filter(lost)
+        lost_pos = pos.filter(lost)
         fail_reason = pc.if_else(
             missing.filter(lost),
             "missing_url",
             pc.if_else(
-                pc.is_null(pos.filter(lost)),
+                pc.is_null(lost_pos),
                 "not_in_shards",
-                pc.fill_null(reason.filter(lost), "unknown"),
+                pc.fill_null(results.column("reason").take(lost_pos), "unknown"),
             ),
         )
         fail_parts.append(
@@ -929,17 +948,14 @@ def merge_shards(
                         [redact_url(u) for u in urls.filter(lost).to_pylist()], pa.string()
                     ),
                     "reason": fail_reason,
-                    "attempts": pc.if_else(absent, 0, pc.fill_null(attempts.filter(lost), 0)).cast(
+                    "attempts": pc.fill_null(results.column("attempts").take(lost_pos), 0).cast(
                         pa.int32()
                     ),
                 }
             )
         )
-        counts[split] = {
-            "rows": table.num_rows,
-            "active": active.num_rows,
-            "failed": table.num_rows - active.num_rows,
-        }
+        kept = pc.sum(keep).as_py() or 0
+        counts[split] = {"rows": table.num_rows, "active": kept, "failed": table.num_rows - kept}
 
     failures = pa.concat_tables(fail_parts).combine_chunks()
     failures = failures.take(pc.sort_indices(failures, [("snapshot_id", "ascending")]))
@@ -973,9 +989,12 @@ def merge_shards(
         )
     active_files = {}
     for split, path in active_paths(cfg, run.model_version).items():
-        _write_parquet(actives[split], path)
+        # one split's active manifest in memory at a time
+        active = _active_manifest(manifests[split], results, *found.pop(split), short)
+        _write_parquet(active, path)
         # what training verifies each file against (and a re-run of this step, to trust it)
-        active_files[path.name] = {"rows": actives[split].num_rows, "sha256": sha256_file(path)}
+        active_files[path.name] = {"rows": active.num_rows, "sha256": sha256_file(path)}
+        del active
 
     summary = {
         "rows": total,

@@ -456,5 +456,5 @@ def test_brightness_contrast_matches_pil_image_enhance(b, c):
     ref = ImageEnhance.Contrast(ImageEnhance.Brightness(Image.fromarray(arr)).enhance(b)).enhance(c)
     got = D.brightness_contrast(torch.from_numpy(arr.copy()), b, c)
     assert got.dtype == torch.uint8 and got.shape == arr.shape
-    diff = got.int() - torch.from_numpy(np.asarray(ref)).int()
+    diff = got.int() - torch.from_numpy(np.array(ref)).int()
     assert int(diff.min()) >= 0 and int(diff.max()) <= 2
