@@ -217,9 +217,25 @@ def run(cfg: Config, run: str | int = "latest") -> dict[str, Any]:
         runs.require(the_run, "trained")
         run_paths = paths.of(cfg).run(the_run.model_version)
         best = run_paths.best_checkpoint
-        if not best.is_file():
-            raise InputError(
-                f"{best} is missing: run 'airatings train --run {the_run.model_version}'"
+        version = the_run.model_version
+        trained = the_run.params.get("train") or {}
+        if "best_checkpoint_sha256" in trained or not best.is_file():
+            runs.verify_recorded(
+                best,
+                trained.get("best_checkpoint_sha256"),
+                what="best checkpoint",
+                fix=f"run 'airatings train --run {version}' (it retrains when best.pt is not "
+                "the recorded file)",
+            )
+        recorded_active = (the_run.params.get("cache") or {}).get("active_files") or {}
+        for split in (SPLIT, "train"):
+            manifest = run_paths.active_manifest(split)
+            runs.verify_recorded(
+                manifest,
+                (recorded_active.get(manifest.name) or {}).get("sha256"),
+                what=f"active {split} manifest",
+                fix=f"run 'airatings cache --run {version}' (it rewrites the active manifests "
+                "from the image cache without downloading), then evaluate again",
             )
         ckpt = train_model.load_weights_only(best)
         if ckpt.get("dataset_hash") != the_run.dataset_hash:
@@ -228,8 +244,6 @@ def run(cfg: Config, run: str | int = "latest") -> dict[str, Any]:
             )
         target = ckpt["spec"]["target"]
         test_path = run_paths.active_manifest(SPLIT)
-        if not test_path.is_file():
-            raise InputError(f"{test_path} is missing: run 'airatings cache' first")
         key = evaluation_key(cfg, the_run, best, test_path)
         done, why = already_evaluated(cfg, the_run, run_paths, key)
         if done is not None:

@@ -165,3 +165,23 @@ def run_dir(cfg: Config, model_version: str) -> Path:
 
 def dataset_dir(cfg: Config, dataset_hash: str) -> Path:
     return cfg.artifacts_dir / "datasets" / dataset_hash
+
+
+def verify_recorded(path: Path, expected: str | None, *, what: str, fix: str) -> Path:
+    """``path`` as the step that wrote it recorded it: present and with that sha256. Missing,
+    unrecorded or changed is an InputError (exit 2) naming the file and the command that fixes
+    it: every artifact a job reads is verified against the sha256 recorded when it was
+    written (docs/faults.md 31)."""
+    from jobs.artifacts import sha256_file
+
+    if not path.is_file():
+        raise InputError(f"{path} is missing; {fix}")
+    if not expected:
+        raise InputError(f"{path}: the run records no sha256 for the {what}; {fix}")
+    actual = sha256_file(path)
+    if actual != expected:
+        raise InputError(
+            f"{path} changed after it was written (sha256 {actual[:16]}..., the run records "
+            f"{expected[:16]}... for the {what}); refusing to read it. {fix}"
+        )
+    return path

@@ -187,7 +187,19 @@ def test_already_evaluated_is_checked_against_its_files_rows_and_inputs(make_cfg
     assert E.run(other)["status"] == "already_done"
     import torch
 
+    # a best.pt or an active manifest that is not the file its step recorded is refused,
+    # naming the command that puts it right (faults 31), instead of being evaluated
+    best_bytes = run_paths.best_checkpoint.read_bytes()
     ckpt = torch.load(run_paths.best_checkpoint, weights_only=True)
     torch.save({**ckpt, "note": "another checkpoint"}, run_paths.best_checkpoint)
-    assert E.run(other)["status"] == "evaluated"
+    with pytest.raises(InputError, match=f"airatings train --run {version}"):
+        E.run(other)
+    run_paths.best_checkpoint.write_bytes(best_bytes)
+    manifest = run_paths.active_manifest("test")
+    original = manifest.read_bytes()
+    manifest.write_bytes(original + b"\0")
+    with pytest.raises(InputError, match=f"airatings cache --run {version}"):
+        E.run(other)
+    manifest.write_bytes(original)
+    assert E.run(other)["status"] == "already_done"
     assert run_status(cfg, world["run_id"])[0] == "evaluated"

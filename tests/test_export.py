@@ -239,7 +239,7 @@ def test_second_export_via_cli_returns_the_same_run_and_hash(exported):
 
 def test_concurrent_export_skips_on_the_lock(exported):
     cfg, _, _ = exported
-    with db.job_lock(cfg, "export", cfg.database.ml_schema) as held:
+    with db.job_lock(cfg, "export") as held:
         assert held
         out = export.run(cfg)
     assert out["status"] == "skipped" and "another export" in out["reason"]
