@@ -12,6 +12,8 @@ import io
 import itertools
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +31,7 @@ from train_fixtures import FAST, make_world, run_status, sky_image, world_rows
 import jobs.onnx_export as OE
 import jobs.train
 from jobs import db, paths, runs
+from jobs.artifacts import owner_tag
 from jobs.errors import InputError
 from jobs.images import encode_jpeg, load_image, preprocess, resize_short_side
 from jobs.train.model import model_from_checkpoint
@@ -117,7 +120,13 @@ def test_export_checks_parity_records_and_redoes_a_tampered_file(trained):
     cfg, world = trained
     version, run_id = fresh_run(cfg, world)
     run_paths = paths.of(cfg).run(version)
+    # what an export killed mid-write leaves: its temp file, never a file at the final name
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = run_paths.root / f".tmp-h{owner_tag()}-p{dead.pid}-0123456789ab-model.onnx"
+    stale.write_bytes(b"half a model")
     out = OE.run(cfg, run=version)
+    assert not stale.exists()  # swept on the next start
 
     assert out["status"] == "onnx_exported" and run_status(cfg, run_id)[0] == "onnx_exported"
     model = OE.load_checked(run_paths.onnx, expected_sha256=out["onnx_sha256"])
@@ -178,7 +187,7 @@ def test_export_checks_parity_records_and_redoes_a_tampered_file(trained):
     test = pq.read_table(run_paths.active_manifest("test")).to_pydict()
     sizes = set()
     for rel in test["image_path"]:
-        arr = np.asarray(load_image(cfg.artifacts_dir / rel, max_pixels=cfg.cache.max_pixels))
+        arr = np.array(load_image(cfg.artifacts_dir / rel, max_pixels=cfg.cache.max_pixels))
         if arr.shape in sizes:
             continue
         sizes.add(arr.shape)
