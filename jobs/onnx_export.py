@@ -478,20 +478,14 @@ def simplify(
 def verified_manifest(cfg: Config, run: runs.Run, split: str) -> Path:
     """The run's active manifest, checked against the sha256 the cache step recorded."""
     path = paths.of(cfg).run(run.model_version).active_manifest(split)
-    if not path.is_file():
-        raise InputError(f"{path} is missing: run 'airatings cache --run {run.model_version}'")
-    recorded = ((run.params.get("cache") or {}).get("active_files") or {}).get(path.name) or {}
-    if not recorded.get("sha256"):
-        raise InputError(
-            f"{path}: the run's cache record holds no sha256 for it; re-run "
-            f"'airatings cache --run {run.model_version}'"
-        )
-    if sha256_file(path) != recorded["sha256"]:
-        raise InputError(
-            f"{path} changed after the cache step wrote it; re-run "
-            f"'airatings cache --run {run.model_version}'"
-        )
-    return path
+    recorded = (run.params.get("cache") or {}).get("active_files") or {}
+    return runs.verify_recorded(
+        path,
+        (recorded.get(path.name) or {}).get("sha256"),
+        what=f"active {split} manifest",
+        fix=f"run 'airatings cache --run {run.model_version}' (it rewrites the active manifests "
+        "from the image cache without downloading), then export-onnx again",
+    )
 
 
 def training_copy_array(path: Path, size: int) -> np.ndarray:
@@ -607,17 +601,16 @@ def run(
         run_paths = paths.of(cfg).run(the_run.model_version)
         sweep_temp(run_paths.root, recursive=False)
         best = run_paths.best_checkpoint
-        if not best.is_file():
-            raise InputError(
-                f"{best} is missing: run 'airatings train --run {the_run.model_version}'"
+        trained = the_run.params.get("train") or {}
+        if "best_checkpoint_sha256" in trained or not best.is_file():
+            runs.verify_recorded(
+                best,
+                trained.get("best_checkpoint_sha256"),
+                what="best checkpoint",
+                fix=f"run 'airatings train --run {the_run.model_version}' (it retrains when "
+                "best.pt is not the recorded file), then evaluate and export-onnx again",
             )
         ckpt_sha = sha256_file(best)
-        recorded_ckpt = (the_run.params.get("train") or {}).get("best_checkpoint_sha256")
-        if recorded_ckpt and recorded_ckpt != ckpt_sha:
-            raise InputError(
-                f"{best} is not the checkpoint the train step recorded (sha256 {ckpt_sha[:16]}..., "
-                f"recorded {recorded_ckpt[:16]}...); restore it, or train a new run"
-            )
         manifests = {s: verified_manifest(cfg, the_run, s) for s in ("val", "test")}
         short_side = int(
             (the_run.params.get("cache") or {}).get("train_short_side")

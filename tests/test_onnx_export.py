@@ -393,3 +393,20 @@ def test_a_file_that_is_not_onnx_or_not_the_recorded_one_is_refused(tmp_path):
     good = _model_with_external_weight(tmp_path / "m", "w.bin")
     with pytest.raises(InputError, match="sha256"):
         OE.load_checked(good, expected_sha256="0" * 64)
+
+
+def test_a_changed_manifest_or_checkpoint_is_refused_before_any_work(trained):
+    cfg, world = trained
+    version, run_id = fresh_run(cfg, world)
+    run_paths = paths.of(cfg).run(version)
+    val = run_paths.active_manifest("val")
+    original = val.read_bytes()
+    val.write_bytes(original + b"\0")
+    with pytest.raises(InputError, match=r"manifest_val.parquet changed after it was written"):
+        OE.run(cfg, run=version)
+    val.write_bytes(original)
+    best = run_paths.best_checkpoint
+    best.write_bytes(best.read_bytes() + b"\0")
+    with pytest.raises(InputError, match=r"best.pt changed after it was written"):
+        OE.run(cfg, run=version)
+    assert not run_paths.onnx.exists() and run_status(cfg, run_id)[0] == "evaluated"
