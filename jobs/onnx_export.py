@@ -32,8 +32,9 @@ Exporter: ``torch.onnx.export(dynamo=False)`` (the TorchScript exporter) at opse
 symbolic for ``aten::_upsample_bilinear2d_aa`` registered here: torch 2.14's TorchScript
 exporter has none (``UnsupportedOperatorError``), and its default dynamo exporter needs
 onnxscript, which the locked dependencies do not carry. onnxscript 0.7.2 maps the op to the
-same ``Resize`` (``antialias=1, exclude_outside=1, half_pixel``; tried), but its export took
-22 s on 2 cores against about 3 s here.
+same ``Resize`` (``antialias=1, exclude_outside=1, half_pixel``; tried: same outputs), but
+its export took 22 s on 2 cores, the TorchScript export 1-2 s. Moving to it means adding
+onnxscript (>= 0.7.2, which sets ``exclude_outside=1``) to the locked dependencies.
 
 The job: claim the run (``evaluated`` first), verify the checkpoint and the active val/test
 manifests against the sha256s their steps recorded, fit the calibration, export,

@@ -410,3 +410,29 @@ def test_a_changed_manifest_or_checkpoint_is_refused_before_any_work(trained):
     with pytest.raises(InputError, match=r"best.pt changed after it was written"):
         OE.run(cfg, run=version)
     assert not run_paths.onnx.exists() and run_status(cfg, run_id)[0] == "evaluated"
+
+
+@pytest.mark.parametrize("target", ["binary", "distribution"])
+def test_raw_score_per_target_exports_and_maps_to_the_models_score(target):
+    """binary: the logit; distribution: the expected rating from the six logits, in the graph."""
+    from jobs.train.model import build_model, scores_from_outputs
+
+    torch.manual_seed(0)
+    net = build_model({"backbone": "mobilenet_v3_small", "target": target, "input_size": 32})
+    scorer = OE.build_scorer(net.eval(), target, 48, 32)
+    pics = np.stack([_smooth(60, 80, seed) for seed in range(3)])
+    session = ort.InferenceSession(
+        OE.export_graph(scorer, torch.from_numpy(pics[:1])).SerializeToString(),
+        providers=["CPUExecutionProvider"],
+    )
+    got = session.run(["raw_score"], {"image": pics})[0]
+    with torch.inference_mode():
+        x = OE.resize_chain(torch.from_numpy(pics).permute(0, 3, 1, 2).float(), 48, 32)
+        outputs = net(x)
+        score = scores_from_outputs(outputs, target).numpy()
+    assert got.shape == (3,)
+    if target == "binary":
+        np.testing.assert_allclose(got, outputs[:, 0].numpy(), atol=OE.TOLERANCE_RAW)
+        np.testing.assert_allclose(5 / (1 + np.exp(-got)), score, atol=1e-4)
+    else:
+        np.testing.assert_allclose(got, score, atol=OE.TOLERANCE_RAW)  # the expected rating
