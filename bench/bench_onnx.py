@@ -103,7 +103,8 @@ def main() -> None:
     fixed = Fixed(net).eval()
     originals = make_originals(max(args.images, 32), args.width, args.height)
     pil = [
-        preprocess(resize_short_side(Image.fromarray(a), args.short_side), size) for a in originals
+        np.array(preprocess(resize_short_side(Image.fromarray(a), args.short_side), size))
+        for a in originals
     ]
 
     full_graph, info = OE.simplify(
