@@ -59,7 +59,12 @@ if TYPE_CHECKING:
 
 CARD_FORMAT = 1
 CONFIGMAP_NAME = "airatings-model"
-SCORER_INTERFACE = {"rawScore": "raw_score", "aiRating": "calibrated 0..5", "modelVersion": "str"}
+# what the app's scorer returns per image (DESIGN.md), and where each value comes from
+SCORER_INTERFACE = {
+    "rawScore": "the graph's output raw_score",
+    "aiRating": "the calibration knots applied to rawScore (0..5)",
+    "modelVersion": "model_version",
+}
 
 
 def run(
@@ -78,6 +83,7 @@ def run(
         raise InputError("--force only applies to --promote")
     if force and not reason:
         raise InputError("--force needs --reason TEXT: why this version goes to production")
+    registry.require_tables(cfg)
     with runs.claim(cfg, "register", run) as (the_run, skipped):
         if skipped:
             if promote:

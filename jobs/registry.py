@@ -87,6 +87,12 @@ def clean_reason(reason: str | None) -> str | None:
     return reason[:2000] or None
 
 
+def require_tables(cfg: Config) -> None:
+    """InputError (exit 2) naming the fix when migration 0040 is not applied yet."""
+    with db.connect(cfg, autocommit=True) as conn:
+        _require_registry(conn, cfg)
+
+
 def _require_registry(conn: psycopg.Connection, cfg: Config) -> None:
     name = sql.Identifier(cfg.database.ml_schema, ALIASES).as_string(conn)
     if conn.execute("select to_regclass(%s)", (name,)).fetchone()[0] is None:
@@ -201,6 +207,7 @@ def read_verified(cfg: Config, version: str) -> tuple[bytes, dict[str, Any]]:
     import onnx
 
     with db.connect(cfg, autocommit=True) as conn:
+        _require_registry(conn, cfg)
         run = runs.get_run(conn, cfg, version)
         db_sha, rel_path = _artifact(conn, cfg, run.id)
     v = run.model_version

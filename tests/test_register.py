@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import stat
 import subprocess
 import sys
 import threading
+import time
 
 import kubernetes_validate
 import psycopg
@@ -303,6 +305,55 @@ def test_a_register_that_dies_before_its_commit_leaves_complete_files_and_reruns
         out = R.run(cfg, run=V)
         assert out["status"] == "registered" and sha256_file(model_paths.onnx) == sha
         registry.load_verified(cfg, V)
+
+
+def test_a_register_killed_before_its_commit_is_completed_by_the_next_run(reg):
+    """SIGKILL while the register waits for its final transaction (the run row is locked by
+    the test, so it cannot have committed): the files at their final names are complete,
+    nothing registers them, and the next run registers the same bytes."""
+    cfg = reg.cfg
+    run_id = reg.clone(V)
+    model_paths = paths.of(cfg).model(V)
+    code = (
+        "import sys; from jobs.config import Config; import jobs.register as R; "
+        "R.run(Config.model_validate_json(sys.argv[1]), run=sys.argv[2])"
+    )
+    waiting = cfg.model_copy(
+        update={"database": cfg.database.model_copy(update={"lock_timeout_s": 0.0})}
+    )
+    with psycopg.connect(db.conninfo(cfg)) as holder:
+        holder.execute(
+            sql.SQL("select 1 from {} where id = %s for update").format(
+                runs.table(cfg, "model_training_runs")
+            ),
+            (run_id,),
+        )
+        child = subprocess.Popen([sys.executable, "-c", code, waiting.model_dump_json(), V])
+        try:
+            deadline = time.monotonic() + 300
+            while not model_paths.configmap.exists():  # the last file it writes
+                assert child.poll() is None, "register exited before writing its files"
+                assert time.monotonic() < deadline, "register never wrote its files"
+                time.sleep(0.2)
+        finally:
+            child.kill()
+            child.wait()
+    assert child.returncode == -signal.SIGKILL
+    assert _files(cfg, V) == ["configmap.yaml", "model.onnx", "model_card.json", "release.env"]
+    row = row_of(cfg, V)
+    assert row["status"] == "onnx_exported" and row["artifact_sha256"] is None
+    assert sha256_file(model_paths.onnx) == row["params"]["onnx"]["onnx_sha256"]
+
+    # the killed process's advisory lock goes with its session
+    with db.connect(cfg) as conn:
+        deadline = time.monotonic() + 60
+        while conn.execute("select count(*) from pg_locks where locktype = 'advisory'").fetchone()[
+            0
+        ]:
+            assert time.monotonic() < deadline, "the killed register's lock was never released"
+            time.sleep(0.1)
+    assert R.run(cfg, run=V)["status"] == "registered"
+    registry.load_verified(cfg, V)
 
 
 def test_an_unregistered_leftover_with_other_bytes_is_refused_naming_the_folder(reg):

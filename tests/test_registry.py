@@ -305,3 +305,20 @@ def test_the_database_refuses_to_change_or_delete_a_registered_version(reg):
         )
     assert exc.value.diag.constraint_name == "model_alias_history_forced_reason"
     assert len(_history(cfg)) == 1
+
+
+def test_before_the_registry_migration_every_command_says_to_migrate(make_cfg):
+    cfg = make_cfg()
+    db.migrate(cfg, files=[f for f in db.migration_files() if f[0] < 40])
+    for call in (
+        lambda: registry.list_models(cfg),
+        lambda: registry.show(cfg, A),
+        lambda: registry.promote(cfg, A),
+        lambda: registry.rollback(cfg),
+        lambda: registry.load_verified(cfg, A),
+        lambda: R.run(cfg, run=A),
+    ):
+        with pytest.raises(
+            InputError, match="registry tables do not exist yet: run 'airatings migrate'"
+        ):
+            call()
