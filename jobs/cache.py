@@ -496,6 +496,18 @@ def regenerate_train_copy(sha: str, ext: str, p: StoreParams) -> None:
     )
 
 
+def _origin(url: str) -> str | None:
+    """``scheme://authority`` of a URL string: up to the first ``/``, ``?`` or ``#`` after the
+    ``//``, where RFC 3986 (and ``urlsplit``, which yarl uses) ends the authority, so two URLs
+    with the same origin text have the same scheme, credentials, host and port. None when it
+    has no ``//``."""
+    start = url.find("://")
+    if start < 0:
+        return None
+    ends = [j for j in (url.find(c, start + 3) for c in "/?#") if j >= 0]
+    return url[: min(ends)] if ends else url
+
+
 class HitPolicy:
     """An index hit re-checked against the *current* config before its file is used
     (RELIABILITY.md 30): the index says what a URL gave under the config of its day, not that
@@ -521,12 +533,33 @@ class HitPolicy:
         self.policy = UrlPolicy.from_config(cfg)
         self.exts = frozenset(EXTENSIONS[f] for f in cfg.cache.formats)
         self.cap = pixel_cap(cfg.cache.max_pixels)
-        self.root = cfg.artifacts_dir
+        self.root = str(cfg.artifacts_dir)
         self._hosts: dict[tuple[str, int], str | None] = {}
+        self._origins: dict[str, str | None] = {}
         self.resolve_failures = 0
 
     async def refusal(self, url: str, row: IndexRow) -> str | None:
         """None if the hit may be used, else the failure reason."""
+        # The URL policy judges a web URL by its scheme and authority (credentials, host,
+        # port), never its path: the verdict is memoised on the ``scheme://authority`` text,
+        # so a resume over 200k URLs of one host parses and checks one. file:// URLs are
+        # judged by their path (the allowed root), each one.
+        origin = _origin(url)
+        if origin is None or origin.lower().startswith("file:"):
+            verdict = await self._url_refusal(url)
+        else:
+            if origin not in self._origins:
+                self._origins[origin] = await self._url_refusal(url)
+            verdict = self._origins[origin]
+        if verdict is not None:
+            return verdict
+        if row.ext not in self.exts:
+            return "unsupported_format"
+        if self._pixels(row) > self.cap:
+            return "decompression_bomb"
+        return None
+
+    async def _url_refusal(self, url: str) -> str | None:
         from yarl import URL
 
         from jobs.fetch import FetchFailed
@@ -536,17 +569,12 @@ class HitPolicy:
             self.policy.check_url(parsed)
             if parsed.scheme == "file":
                 self.policy.file_path(parsed)
-            elif (verdict := await self._host_refusal(parsed)) is not None:
-                return verdict
+                return None
+            return await self._host_refusal(parsed)
         except FetchFailed as exc:
             return exc.reason
         except (ValueError, TypeError):
             return "invalid_url"
-        if row.ext not in self.exts:
-            return "unsupported_format"
-        if await self._pixels(row) > self.cap:
-            return "decompression_bomb"
-        return None
 
     async def _host_refusal(self, url: Any) -> str | None:
         import ipaddress
@@ -576,22 +604,17 @@ class HitPolicy:
             return "blocked_url"
         return None
 
-    async def _pixels(self, row: IndexRow) -> int:
+    def _pixels(self, row: IndexRow) -> int:
         pixels = row.width * row.height
         if row.ext != "jpg" or pixels * 64 <= self.cap:
             return pixels
-        from PIL import Image
+        from jobs.images import jpeg_size
 
-        def header_size() -> int:
-            with Image.open(self.root / original_rel(row.sha256, row.ext), formats=["JPEG"]) as im:
-                return im.width * im.height
-
-        try:
-            return max(pixels, await asyncio.to_thread(header_size))
-        except Image.DecompressionBombError:
-            return self.cap + 1
-        except (OSError, SyntaxError, ValueError):
-            return pixels  # unreadable or gone: the file checks after this decide
+        try:  # the frame header: a few small reads, no decode
+            size = jpeg_size(os.path.join(self.root, original_rel(row.sha256, row.ext)))
+        except OSError:
+            size = None  # gone: the file checks after this decide
+        return pixels if size is None else max(pixels, size[0] * size[1])
 
 
 class _Progress:
@@ -706,6 +729,7 @@ async def cache_urls(
 
     async def produce() -> None:
         """Index hits are settled here, batch by batch; the rest go to the workers."""
+        root = str(params.root)
         for start in range(0, len(urls), lookup_batch):
             chunk = urls[start : start + lookup_batch]
             known: dict[str, IndexRow] = {}
@@ -722,14 +746,15 @@ async def cache_urls(
                         record_failure(url, reason, 0, "cached, but the current config refuses it")
                         progress.update(failed=True)
                         continue
-                    orig = params.root / original_rel(hit.sha256, hit.ext)
-                    try:
-                        ok = orig.stat().st_size == hit.bytes
+                    try:  # os.path on strings: a resume checks every hit's two files
+                        orig = os.stat(os.path.join(root, original_rel(hit.sha256, hit.ext)))
+                        ok = orig.st_size == hit.bytes
                     except FileNotFoundError:
                         ok = False
                     if ok:
                         results.ok(i, hit.sha256, hit.ext, from_index=True)
-                        if (params.root / train_rel(hit.sha256, params.short_side)).exists():
+                        train_copy = os.path.join(root, train_rel(hit.sha256, params.short_side))
+                        if os.path.exists(train_copy):
                             progress.update()
                         else:
                             counts["regen"] += 1

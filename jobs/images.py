@@ -73,6 +73,35 @@ def sniff_format(head: bytes) -> str | None:
     return None
 
 
+# SOFn markers (frame headers) that carry the picture's size: C0-CF except DHT (C4), JPG (C8)
+# and DAC (CC).
+_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def jpeg_size(path: str | os.PathLike) -> tuple[int, int] | None:
+    """A JPEG file's (width, height) from its frame header, walking the marker segments
+    without decoding anything (a few small reads); None if no frame header is found."""
+    with open(path, "rb") as f:
+        if f.read(2) != b"\xff\xd8":
+            return None
+        while True:
+            head = f.read(4)
+            if len(head) < 4 or head[0] != 0xFF:
+                return None
+            marker, length = head[1], int.from_bytes(head[2:4], "big")
+            if marker == 0xFF:  # fill byte: the marker starts one byte later
+                f.seek(-3, os.SEEK_CUR)
+                continue
+            if marker in _SOF_MARKERS:
+                frame = f.read(5)  # precision, height, width
+                if len(frame) < 5:
+                    return None
+                return int.from_bytes(frame[3:5], "big"), int.from_bytes(frame[1:3], "big")
+            if marker == 0xDA or length < 2:  # scan data before any frame header: broken
+                return None
+            f.seek(length - 2, os.SEEK_CUR)
+
+
 def _draft_target(size: tuple[int, int], short_side: int) -> tuple[int, int]:
     w, h = size
     scale = short_side / min(w, h)

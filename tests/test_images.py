@@ -279,3 +279,27 @@ def test_a_picture_at_the_pixel_cap_is_normalised_without_full_size_copies(mode:
     # source (2-4 bytes/px) + result (Pillow's RGB is 4 bytes/px) ~ 2-2.7x; the first
     # version held 7-9x (float64 copies; four full-size RGBA images)
     assert got["peak"] < 3.5 * got["rgb"], got
+
+
+def test_jpeg_size_reads_the_frame_header(tmp_path: Path) -> None:
+    """The cache's index re-check reads a JPEG's size from its frame header: the same size
+    Pillow reports, past EXIF and other segments, baseline or progressive; None for junk."""
+    from jobs.images import jpeg_size
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    cases = {
+        "plain.jpg": jpeg(321, 123),
+        "exif.jpg": encode(gradient(80, 40, 2), "JPEG", exif=exif.tobytes()),
+        "progressive.jpg": encode(gradient(99, 77, 1), "JPEG", progressive=True),
+        "cmyk.jpg": odd_images()["cmyk.jpg"],
+    }
+    for name, data in cases.items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        with Image.open(path) as im:
+            assert jpeg_size(path) == im.size, name
+    (tmp_path / "junk.jpg").write_bytes(b"\xff\xd8\xff\xe0\x00\x10JFIF" + b"\0" * 20)
+    assert jpeg_size(tmp_path / "junk.jpg") is None
+    (tmp_path / "png.jpg").write_bytes(encode(gradient(8, 8), "PNG"))
+    assert jpeg_size(tmp_path / "png.jpg") is None
