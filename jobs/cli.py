@@ -33,8 +33,12 @@ db_app = typer.Typer(
 demo_app = typer.Typer(help="The synthetic demo world.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 weights_app = typer.Typer(help="Pretrained backbone weights.", no_args_is_help=True)
+models_app = typer.Typer(
+    help="Model versions: list, show, promote, rollback (the registry).", no_args_is_help=True
+)
 app.add_typer(demo_app, name="demo")
 app.add_typer(weights_app, name="weights")
+app.add_typer(models_app, name="models")
 
 # No default here (None), so that load_config can fall back to $AIR_CONFIG, then the baseline.
 ConfigOpt = Annotated[
@@ -354,16 +358,42 @@ def evaluate(
 def export_onnx(
     config: ConfigOpt = DEFAULT_CONFIG, json_: JsonOpt = False, run: RunOpt = "latest"
 ) -> None:
-    """Export the best checkpoint to ONNX with onnxruntime parity checks ([5/8])."""
-    run_job("export-onnx", _not_built("export-onnx"), config, json_, run=run)
+    """Export the best checkpoint to ONNX (resize inside), parity-checked against PyTorch."""
+    from jobs import onnx_export
+
+    run_job("export-onnx", onnx_export.run, config, json_, run=run)
+
+
+ForceOpt = Annotated[
+    bool, typer.Option("--force", help="Promote although the checks refuse (needs --reason).")
+]
+ReasonOpt = Annotated[str | None, typer.Option("--reason", help="Why (kept in the history).")]
 
 
 @app.command("register")
 def register(
-    config: ConfigOpt = DEFAULT_CONFIG, json_: JsonOpt = False, run: RunOpt = "latest"
+    config: ConfigOpt = DEFAULT_CONFIG,
+    json_: JsonOpt = False,
+    run: RunOpt = "latest",
+    promote: Annotated[
+        bool, typer.Option("--promote", help="Then move 'production' to it if it is not worse.")
+    ] = False,
+    force: ForceOpt = False,
+    reason: ReasonOpt = None,
 ) -> None:
-    """Register an immutable model version with its model card ([5/8])."""
-    run_job("register", _not_built("register"), config, json_, run=run)
+    """Register an immutable model version: model.onnx, model_card.json, release.env."""
+    from jobs import register as register_job
+
+    run_job(
+        "register",
+        register_job.run,
+        config,
+        json_,
+        run=run,
+        promote=promote,
+        force=force,
+        reason=reason,
+    )
 
 
 @app.command("release")
@@ -376,12 +406,15 @@ def release(
     notes: Annotated[
         str | None, typer.Option("--notes", help="Free text kept on a new run.")
     ] = None,
+    promote: Annotated[
+        bool, typer.Option("--promote", help="Promote the registered version if not worse.")
+    ] = False,
 ) -> None:
-    """Run the lifecycle in order (migrate, export, cache, train, evaluate); resumes the latest
-    unfinished run from its status."""
+    """Run the lifecycle in order (migrate, export, cache, train, evaluate, export-onnx,
+    register); resumes the latest unfinished run from its status."""
     from jobs import release
 
-    run_job("release", release.run, config, json_, new=new, notes=notes)
+    run_job("release", release.run, config, json_, new=new, notes=notes, promote=promote)
 
 
 @app.command("score")
@@ -432,12 +465,48 @@ def provenance(
     run_job("provenance", provenance.run, config, json_, version=version, snapshot=snapshot)
 
 
-@app.command("models")
-def models(config: ConfigOpt = DEFAULT_CONFIG, json_: JsonOpt = False) -> None:
-    """List training runs and model versions with their status and dataset hash."""
-    from jobs import dbcli
+@models_app.command("list")
+def models_list(config: ConfigOpt = DEFAULT_CONFIG, json_: JsonOpt = False) -> None:
+    """Training runs and model versions: status, registration, aliases, notes."""
+    from jobs import registry
 
-    run_job("models", dbcli.models, config, json_)
+    run_job("models", registry.list_models, config, json_)
+
+
+@models_app.command("show")
+def models_show(
+    version: Annotated[str, typer.Argument(help="Model version.")],
+    config: ConfigOpt = DEFAULT_CONFIG,
+    json_: JsonOpt = False,
+) -> None:
+    """One version: its model card and the production alias history."""
+    from jobs import registry
+
+    run_job("models", registry.show, config, json_, version=version)
+
+
+@models_app.command("promote")
+def models_promote(
+    version: Annotated[str, typer.Argument(help="Registered model version.")],
+    config: ConfigOpt = DEFAULT_CONFIG,
+    json_: JsonOpt = False,
+    force: ForceOpt = False,
+    reason: ReasonOpt = None,
+) -> None:
+    """Move 'production' to VERSION if it passed parity and is not worse than production."""
+    from jobs import registry
+
+    run_job("models", registry.promote, config, json_, version=version, force=force, reason=reason)
+
+
+@models_app.command("rollback")
+def models_rollback(
+    config: ConfigOpt = DEFAULT_CONFIG, json_: JsonOpt = False, reason: ReasonOpt = None
+) -> None:
+    """Move 'production' back to the version it pointed at before."""
+    from jobs import registry
+
+    run_job("models", registry.rollback, config, json_, reason=reason)
 
 
 def main() -> None:

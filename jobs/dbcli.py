@@ -66,26 +66,3 @@ def status(cfg: Config) -> dict[str, Any]:
         out["migrations_pending"] = [n for _, n, _ in db.migration_files() if n not in applied]
     out["status"] = "running"
     return out
-
-
-def models(cfg: Config) -> dict[str, Any]:
-    with db.connect(cfg) as conn:
-        rows = conn.execute(
-            sql.SQL(
-                "select id, model_version, status, dataset_hash, created_at, failure_reason,"
-                " notes from {} order by id"
-            ).format(table(cfg, "model_training_runs"))
-        ).fetchall()
-    runs = [
-        {
-            "id": r[0],
-            "model_version": r[1],
-            "status": r[2],
-            "dataset_hash": r[3],
-            "created_at": r[4].isoformat(),
-            "failure_reason": r[5],
-            "notes": r[6],
-        }
-        for r in rows
-    ]
-    return {"status": "done", "count": len(runs), "runs": runs}

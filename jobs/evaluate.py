@@ -12,8 +12,8 @@ has at least ``evaluate.min_slice_size`` rows, with percentile bootstrap CIs
 (``evaluate.bootstrap_samples``, seeded per (slice, metric) from ``evaluate.seed``, so a re-run
 reproduces the same numbers). Baselines on the same rows through one paired bootstrap of the
 MAE difference: a constant predictor (the training mean), another run's best checkpoint
-(``evaluate.compare_to``), and the production model once a ``model_aliases`` table exists (not
-yet: the summary says so). Verdict: "better"/"worse" when the CI of (model MAE - other MAE)
+(``evaluate.compare_to``), and the production model (the ``production`` row of
+``model_aliases``, moved by `airatings models promote`; without one the summary says so). Verdict: "better"/"worse" when the CI of (model MAE - other MAE)
 excludes 0, else "no detectable difference". Too few rows for a metric gives
 ``status: insufficient_data`` and no value.
 
@@ -113,7 +113,7 @@ def production_version(cfg: Config, conn: psycopg.Connection) -> tuple[str | Non
     if conn.execute("select to_regclass(%s)", (name,)).fetchone()[0] is None:
         return (
             None,
-            "no model_aliases table yet (the registry arrives in [5/8]): no production comparison",
+            "no model_aliases table (run 'airatings migrate'): no production comparison",
         )
     try:
         row = conn.execute(

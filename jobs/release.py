@@ -7,6 +7,9 @@ export    dbt build + test, DuckDB -> Parquet/CSV manifests + dataset hash, run 
 cache     download, validate, cache images; failures; active manifests; labels used/excluded
 train     torchvision transfer learning, resumable from last.pt, best.pt by val metric
 evaluate  test metrics with bootstrap CIs, slices, baselines, report.html
+export-onnx  ONNX (resize inside), onnxsim, parity gate vs PyTorch, calibration on val
+register  write-once models/<version>/ (model.onnx, model_card.json, release.env, ConfigMap);
+          with --promote, 'production' moves to it if it is not worse than production
 ```
 
 Resuming: the run's status in ``model_training_runs`` is the record. A release first looks for
@@ -75,13 +78,27 @@ def _evaluate(cfg: Config, run_ref: str) -> dict[str, Any]:
     return evaluate.run(cfg, run=run_ref)
 
 
-# The order of a release. [7/11] appends export-onnx and register.
+def _export_onnx(cfg: Config, run_ref: str) -> dict[str, Any]:
+    from jobs import onnx_export
+
+    return onnx_export.run(cfg, run=run_ref)
+
+
+def _register(cfg: Config, run_ref: str, *, promote: bool = False) -> dict[str, Any]:
+    from jobs import register
+
+    return register.run(cfg, run=run_ref, promote=promote)
+
+
+# The order of a release.
 STEPS: tuple[Step, ...] = (
     Step("migrate", None, _migrate),
     Step("export", "exported", _export),
     Step("cache", "cached", _cache),
     Step("train", "trained", _train),
     Step("evaluate", "evaluated", _evaluate),
+    Step("export-onnx", "onnx_exported", _export_onnx),
+    Step("register", "registered", _register),
 )
 FINAL_STATUS = STEPS[-1].done_status
 
@@ -120,7 +137,9 @@ def _call(step: Step, cfg: Config, run_ref: str | None, **kw: Any) -> dict[str, 
     return out
 
 
-def run(cfg: Config, new: bool = False, notes: str | None = None) -> dict[str, Any]:
+def run(
+    cfg: Config, new: bool = False, notes: str | None = None, promote: bool = False
+) -> dict[str, Any]:
     """Run (or resume) a release; returns one summary: version, dataset, steps, headline."""
     started = time.monotonic()
     with db.job_lock(cfg, "release") as held:
@@ -151,7 +170,8 @@ def run(cfg: Config, new: bool = False, notes: str | None = None) -> dict[str, A
             run_ref = steps["export"]["model_version"]
         logs.bind(model_version=run_ref)
         for step in STEPS[2:]:
-            steps[step.name] = out = _call(step, cfg, run_ref)
+            kw = {"promote": promote} if step.name == "register" else {}
+            steps[step.name] = out = _call(step, cfg, run_ref, **kw)
             if out.get("status") == "skipped":
                 # a twin holds this step's lock: it will carry the run on; say so, stop here
                 return {
@@ -163,6 +183,8 @@ def run(cfg: Config, new: bool = False, notes: str | None = None) -> dict[str, A
     with db.connect(cfg) as conn:
         final = runs.get_run(conn, cfg, run_ref)
     evaluated = steps.get("evaluate", {})
+    registered = steps.get("register", {})
+    onnx = final.params.get("onnx") or {}
     return {
         "status": "released" if final.reached(FINAL_STATUS) else final.status,
         "model_version": run_ref,
@@ -174,6 +196,11 @@ def run(cfg: Config, new: bool = False, notes: str | None = None) -> dict[str, A
         "labels": (final.params.get("cache") or {}).get("labels"),
         "headline": evaluated.get("headline"),
         "report": evaluated.get("report"),
+        "parity": onnx.get("parity"),
+        "calibration": onnx.get("calibration"),
+        "model_dir": registered.get("model_dir"),
+        "release_env": registered.get("release_env"),
+        "promotion": registered.get("promotion"),
         "steps": {name: _brief(out) for name, out in steps.items()},
         "seconds": round(time.monotonic() - started, 2),
     }
@@ -184,7 +211,7 @@ def _brief(out: dict[str, Any]) -> dict[str, Any]:
     return {"status": out.get("status"), "seconds": out.get("seconds")}
 
 
-def demo(cfg: Config) -> dict[str, Any]:
+def demo(cfg: Config, promote: bool = True) -> dict[str, Any]:
     """`airatings demo run` (what `just demo` runs): the synthetic world seeded into the app's
     tables (embedded PostgreSQL unless DATABASE_URL is set), then a release of it. Running it
     again reseeds the same world and the release finds every step done."""
@@ -195,7 +222,7 @@ def demo(cfg: Config) -> dict[str, Any]:
     seeded = seed.seed(cfg)
     if seeded.get("status") == "skipped":
         return seeded
-    released = run(cfg)
+    released = run(cfg, promote=promote)
     released["steps"] = {"seed": _brief(seeded), **released.get("steps", {})}
     released["seconds"] = round(time.monotonic() - started, 2)
     return released

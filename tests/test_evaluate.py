@@ -47,7 +47,7 @@ def test_evaluate_job_end_to_end(make_cfg):
         "no detectable difference",
     }
     assert out["comparisons"][f"run:{version}"] == "no detectable difference"  # itself
-    assert "no model_aliases table" in out["production"]
+    assert out["production"] == "no production alias set: no production comparison"
     assert run_status(cfg, world["run_id"])[0] == "evaluated"
 
     run_paths = paths.of(cfg).run(version)

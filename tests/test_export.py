@@ -416,3 +416,15 @@ def test_export_whose_lock_died_commits_nothing(exported):
             other = make_config(cfg.database.url, cfg.paths.artifacts_dir.parent, train__epochs=2)
             export.export_dataset(other, snapshot=snapshot)
     assert _q(cfg, "select count(*) from airatings.model_training_runs")[0][0] == before
+
+
+def test_notes_are_kept_on_the_run_and_listed(exported):
+    """--notes on export: on the run row, shown by `airatings models list`; a re-export of the
+    same data replaces the notes of the run it returns."""
+    from jobs import registry
+
+    cfg, _, s = exported
+    again = export.export_dataset(cfg, csv=True, notes="baseline after the relabel sprint")
+    assert again["status"] == "already_exported" and again["run_id"] == s["run_id"]
+    listed = {r["model_version"]: r for r in registry.list_models(cfg)["models"]}
+    assert listed[s["model_version"]]["notes"] == "baseline after the relabel sprint"

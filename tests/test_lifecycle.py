@@ -4,7 +4,9 @@ faults must come out of the cache with the right reasons, and re-running changes
 
 from __future__ import annotations
 
+import json
 from collections import Counter
+from pathlib import Path
 
 import pyarrow.parquet as pq
 from conftest import DEMO
@@ -80,7 +82,24 @@ def test_demo_lifecycle_on_a_small_world(make_cfg):
             "select status from airatings.model_training_runs where model_version = %s", (version,)
         ).fetchone()[0]
     assert labels == len(exported)
-    assert status == "evaluated"
+    assert status == "registered"
+    # ... and the release took it out of the training box: ONNX within parity, registered
+    # write-once with its card and the app's runtime config, promoted (no production before)
+    assert steps["export-onnx"]["status"] == "onnx_exported"
+    assert steps["register"]["status"] == "registered"
+    assert out["parity"]["max_abs_delta_raw"] <= 1e-4
+    model_dir = Path(out["model_dir"])
+    card = json.loads((model_dir / "model_card.json").read_text())
+    assert card["model_version"] == version and card["dataset"]["hash"] == out["dataset_hash"]
+    assert (model_dir / "model.onnx").is_file()
+    env_lines = (model_dir / "release.env").read_text().splitlines()
+    assert f"AI_MODEL_VERSION={version}" in env_lines
+    assert out["promotion"]["status"] == "promoted"
+    with db.connect(cfg) as conn:
+        production = conn.execute(
+            "select model_version from airatings.model_aliases where alias = 'production'"
+        ).fetchone()[0]
+    assert production == version
 
     # ... and say which of them training used: the used rows are the active manifests, the
     # excluded ones the failures with the cache's reasons (`airatings provenance VERSION`).
@@ -135,6 +154,8 @@ def test_demo_lifecycle_on_a_small_world(make_cfg):
     assert again["steps"]["export"]["status"] == "already_exported"
     assert again["steps"]["cache"]["status"] in {"already_done", "cached"}
     assert again["steps"]["train"]["status"] == "already_done"
+    assert again["steps"]["export-onnx"]["status"] == "already_done"
+    assert again["steps"]["register"]["status"] == "already_registered"
 
     # The app moves on: a new rating on one used snapshot, a changed calculated rating on
     # another. Provenance sees both (dbt's label view is live), and one snapshot's detail

@@ -19,8 +19,16 @@ def test_release_resumes_an_unfinished_run_from_its_status(make_cfg):
     assert out["status"] == "released" and out["resumed"] is True
     assert out["model_version"] == world["model_version"]
     assert out["steps"]["export"]["status"] == "resumed"  # no dbt, no new export
-    assert [out["steps"][s]["status"] for s in ("train", "evaluate")] == ["trained", "evaluated"]
-    assert run_status(cfg, world["run_id"])[0] == "evaluated"
+    assert [
+        out["steps"][s]["status"] for s in ("train", "evaluate", "export-onnx", "register")
+    ] == [
+        "trained",
+        "evaluated",
+        "onnx_exported",
+        "registered",
+    ]
+    assert run_status(cfg, world["run_id"])[0] == "registered"
+    assert out["promotion"] is None  # not asked to promote
     assert release.unfinished_run(cfg) is None
 
     # another config's unfinished run is not this release's to resume
