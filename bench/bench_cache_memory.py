@@ -1,4 +1,4 @@
-"""Benchmark: the cache's peak memory does not grow with the number of URLs (RELIABILITY.md 33).
+"""Benchmark: the cache's peak memory does not grow with the number of URLs (docs/faults.md 33).
 
     .venv/bin/python bench/bench_cache_memory.py [--small 20000] [--large 200000] [--full]
 

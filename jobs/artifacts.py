@@ -1,11 +1,11 @@
-"""Atomic file writes, sha256, write-once folders (RELIABILITY.md 5, 20).
+"""Atomic file writes, sha256, write-once folders (docs/faults.md 5, 20).
 
 Every file a job produces goes through ``atomic_path``: written to a hidden temp name in the
 destination directory, validated by the caller's check, fsynced, then ``os.replace``d into
 place. A SIGKILL mid-write leaves the old file or none at the final name; stale temp files
 (``.tmp-*``) are removed by ``sweep_temp`` on the next start.
 
-Temp names carry their owner (RELIABILITY.md 29): ``.tmp-h<tag>-p<pid>-<random>-<name>``, where
+Temp names carry their owner (docs/faults.md 29): ``.tmp-h<tag>-p<pid>-<random>-<name>``, where
 ``tag`` names the place a pid means something (this machine's boot and PID namespace, and its
 host name: a pod in a Kubernetes Job usually runs as pid 1, so a pid alone says nothing on a
 volume two pods share). A sweep removes a temp file only if this process wrote it, or its

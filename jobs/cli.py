@@ -135,7 +135,7 @@ def run_job(
         summary = func(cfg, **kwargs) or {}
         summary.setdefault("status", "done")
         summary.setdefault("seconds", round(time.monotonic() - started, 3))
-        summary = logs.scrub(summary)  # no password in any DSN form (RELIABILITY 32)
+        summary = logs.scrub(summary)  # no password in any DSN form (docs/faults.md 32)
         log.info(
             "job_finished", **{k: v for k, v in summary.items() if not isinstance(v, dict | list)}
         )
@@ -156,7 +156,7 @@ def run_job(
         # A last line of defence (jobs.db.connect and the DuckDB reads map these already):
         # psycopg's operational errors (a closed connection too) and DuckDB's postgres
         # connection errors are one redacted line and exit 75, never a traceback
-        # (RELIABILITY 28).
+        # (docs/faults.md 28).
         import psycopg
 
         from jobs.db import duckdb_connection_lost, redact
@@ -419,13 +419,13 @@ def release(
 
 @app.command("score")
 def score(config: ConfigOpt = DEFAULT_CONFIG, json_: JsonOpt = False) -> None:
-    """Score new snapshots with the production model and write the app's AI fields ([6/8])."""
+    """Score new snapshots with the production model and write the app's AI fields (issue [8/11])."""
     run_job("score", _not_built("score"), config, json_)
 
 
 @app.command("review")
 def review(config: ConfigOpt = DEFAULT_CONFIG, json_: JsonOpt = False) -> None:
-    """Disagreement report, review set and relabel import ([7/8])."""
+    """Disagreement report, review set and relabel import (issue [9/11])."""
     run_job("review", _not_built("review"), config, json_)
 
 

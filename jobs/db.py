@@ -244,7 +244,7 @@ def _conninfo(url: str, dbc: DatabaseConfig) -> str:
 
 # What libpq, psycopg, dbt and DuckDB's postgres_scanner say when the server went away, a
 # connection broke, or a statement was cancelled by a timeout or an administrator
-# (RELIABILITY 28): the job did nothing wrong and a re-run may pass (exit 75).
+# (docs/faults.md 28): the job did nothing wrong and a re-run may pass (exit 75).
 CONNECTION_LOST_HINTS = (
     "could not connect",
     "connection refused",
@@ -319,7 +319,7 @@ def connect(
     Failing to connect, and an operational failure inside the ``with`` block (the server
     closed the connection or shut down, a statement or lock timeout, a serialization failure),
     become TransientError (exit 75) with a redacted one-line message: the database lost
-    mid-job is worth a retry, never a traceback or exit 2 (RELIABILITY 28).
+    mid-job is worth a retry, never a traceback or exit 2 (docs/faults.md 28).
     """
     import psycopg
 
@@ -344,7 +344,7 @@ def connect(
 
 # ---- advisory locks ---------------------------------------------------------------------
 
-# The schema a job's lock guards (RELIABILITY 27). Most jobs work on the ML schema's tables,
+# The schema a job's lock guards (docs/faults.md 27). Most jobs work on the ML schema's tables,
 # so two projects with their own ml_schema in one database never block each other; dbt
 # replaces relations in the dbt schema and the demo seeds the app's tables, whoever's ML
 # schema the config names.
@@ -420,7 +420,7 @@ def check_locks() -> None:
     """Verify every lock this process holds (:meth:`HeldLock.check`); TransientError (exit 75)
     naming the first one lost. Call it right before a final commit: a job whose lock
     connection died (server restart, network, a killed backend) may have a twin working beside
-    it, and must stop instead of committing (RELIABILITY 27)."""
+    it, and must stop instead of committing (docs/faults.md 27)."""
     for lock in held_locks():
         lock.check()
 
@@ -431,7 +431,7 @@ def job_lock(cfg: Config | str, *parts: object, wait: bool = False) -> Iterator[
 
     Given a Config, the key is :func:`lock_parts` (the schema the job works on comes first);
     given a bare URL, ``parts`` as they are. Yields True when held, False when another process
-    holds it (``wait=False``): the caller then exits 0 saying why (RELIABILITY.md 1). While
+    holds it (``wait=False``): the caller then exits 0 saying why (docs/faults.md 1). While
     held, the lock is listed for :func:`check_locks`.
     """
     full = lock_parts(cfg, *parts) if not isinstance(cfg, str) else parts

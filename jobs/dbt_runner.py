@@ -228,7 +228,7 @@ def _raise_for(res: Any, what: str, logs: Path) -> None:
     """dbt's result as our exceptions. The database lost (refused, closed mid-build, shut
     down, a statement or lock timeout: ``db.connection_lost``) is TransientError (exit 75),
     whether dbt stopped on it (``FailedToConnectError``, ``DbtDatabaseError``) or a node
-    failed on it: a re-run will say whether anything else was wrong (RELIABILITY 28)."""
+    failed on it: a re-run will say whether anything else was wrong (docs/faults.md 28)."""
     from jobs import db
 
     failures = _failures(res)

@@ -1,4 +1,4 @@
-"""Exit codes and the exceptions that map to them (RELIABILITY.md).
+"""Exit codes and the exceptions that map to them (docs/faults.md).
 
 0  success or "already done"
 2  bad config or input: retrying will not help

@@ -166,7 +166,7 @@ def already_evaluated(
     """``(summary, "")`` when the run's recorded evaluation still stands: status at least
     ``evaluated``, made from the same inputs (:func:`evaluation_key`), metrics.json and
     report.html present with the sha256s it recorded, and its model_evaluations rows all
-    there. Otherwise ``(None, why)``: the caller evaluates again (RELIABILITY 30), never a
+    there. Otherwise ``(None, why)``: the caller evaluates again (docs/faults.md 30), never a
     dead end."""
     from psycopg import sql
 
@@ -303,7 +303,7 @@ def run(cfg: Config, run: str | int = "latest") -> dict[str, Any]:
         page = report.evaluation_page(
             result, report.evaluation_plots(y, s, result, run_paths.history)
         )
-        # A lost lock (RELIABILITY 27): a twin may be evaluating too; write nothing.
+        # A lost lock (docs/faults.md 27): a twin may be evaluating too; write nothing.
         db.check_locks()
         atomic_write_text(
             run_paths.metrics, json.dumps(result, indent=2, sort_keys=True, allow_nan=False)

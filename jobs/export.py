@@ -168,7 +168,7 @@ def read_snapshot(cfg: Config, con: Any | None = None) -> tuple[pa.Table, dict[s
     """(manifest table sorted by snapshot id, drop counts per reason, candidate count), read in
     one DuckDB transaction (one PostgreSQL snapshot per scan; the marts are tables that only
     a dbt build under the dbt lock replaces). The database lost mid-read (server gone, a
-    killed backend, statement_timeout) is TransientError (exit 75, RELIABILITY 28)."""
+    killed backend, statement_timeout) is TransientError (exit 75, docs/faults.md 28)."""
     import contextlib
 
     import duckdb

@@ -1,4 +1,4 @@
-"""Safe downloads of untrusted URLs (RELIABILITY.md 10-12), used by the cache and scoring jobs.
+"""Safe downloads of untrusted URLs (docs/faults.md 10-12), used by the cache and scoring jobs.
 
 - **URL policy** (``UrlPolicy``): allowed schemes only; ``file://`` only when the config allows
   it and only below one root directory; loopback, private, link-local, CGNAT, multicast,

@@ -35,7 +35,7 @@ def preprocess(img: Image.Image, size: int) -> np.ndarray:
 # ---- decode -> validate -> normalise ---------------------------------------------------------
 #
 # Images come from URLs in a database people write to: every body is untrusted. ``load_image``
-# is the one gate (RELIABILITY.md 13-15): magic bytes first, then Pillow restricted to the
+# is the one gate (docs/faults.md 13-15): magic bytes first, then Pillow restricted to the
 # formats we accept, a pixel cap of our own checked on the header before any pixel is decoded,
 # DecompressionBombWarning raised as an error, a full ``load()`` (``verify()`` passes truncated
 # JPEGs), EXIF orientation applied, and every mode normalised to the same 3-channel uint8 RGB.

@@ -4,7 +4,7 @@ Jobs bind context once (``job``, ``run_id``, ``model_version``) and log past-ten
 events with data as keywords; each job ends with one summary event. Logs go to stderr so that
 ``--json`` summaries on stdout stay machine-readable.
 
-Every event passes :func:`scrub_event` last (defence in depth, RELIABILITY 32): a password in
+Every event passes :func:`scrub_event` last (defence in depth, docs/faults.md 32): a password in
 any connection-string form, or a registered secret, is replaced by ``***`` in every string
 value, the rendered traceback included.
 """

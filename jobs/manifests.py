@@ -1,5 +1,5 @@
 """The manifest contract, in one place: the columns the export writes and the columns the cache
-adds to the active manifests that training and evaluation read (DESIGN.md, "export", "cache")."""
+adds to the active manifests that training and evaluation read (docs/architecture.md, "export", "cache")."""
 
 from __future__ import annotations
 

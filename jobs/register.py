@@ -59,7 +59,7 @@ if TYPE_CHECKING:
 
 CARD_FORMAT = 1
 CONFIGMAP_NAME = "airatings-model"
-# what the app's scorer returns per image (DESIGN.md), and where each value comes from
+# what the app's scorer returns per image (docs/contracts.md), and where each value comes from
 SCORER_INTERFACE = {
     "rawScore": "the graph's output raw_score",
     "aiRating": "the calibration knots applied to rawScore (0..5)",
@@ -186,7 +186,7 @@ def _register(cfg: Config, the_run: runs.Run) -> dict[str, Any]:
     env_bytes = release_env(cfg, v, onnx_sha, threshold).encode()
     configmap_bytes = configmap(cfg, v, onnx_sha, threshold).encode()
 
-    # A lost lock (RELIABILITY 27): a twin may be registering too; write nothing.
+    # A lost lock (docs/faults.md 27): a twin may be registering too; write nothing.
     db.check_locks()
     files = {
         "onnx": (model_paths.onnx, data),
@@ -395,7 +395,7 @@ def build_card(
     size: int,
     threshold: float,
 ) -> dict[str, Any]:
-    """model_card.json: a pure function of the recorded inputs (DESIGN.md's contract)."""
+    """model_card.json: a pure function of the recorded inputs (docs/architecture.md's contract)."""
     v = the_run.model_version
     train_rec = the_run.params.get("train") or {}
     export_rec = the_run.params.get("export") or {}

@@ -79,7 +79,7 @@ def claim(cfg: Config, job: str, run_ref: str | int) -> Iterator[tuple[Run, dict
 
     Yields ``(run, None)`` while the lock is held, the run re-read under the lock (a twin that
     finished first may have moved it on), or ``(run, summary)`` with a ``skipped`` summary when
-    another process holds it: the caller returns that summary (exit 0, RELIABILITY.md 1).
+    another process holds it: the caller returns that summary (exit 0, docs/faults.md 1).
     """
     with db.connect(cfg, autocommit=True) as conn:
         run = get_run(conn, cfg, run_ref)

@@ -211,7 +211,7 @@ def active_urls(cfg, run) -> set[str]:
 def test_an_index_hit_is_rechecked_against_the_current_config(
     ccfg, server: Server, tmp_path: Path
 ) -> None:
-    """The image index is no bypass (RELIABILITY.md 30): a URL cached under a permissive config
+    """The image index is no bypass (docs/faults.md 30): a URL cached under a permissive config
     fails, with the reason a fresh fetch would give and without a request, once the config
     forbids it (file:// off, a lower pixel cap, a format removed, a name resolving to a
     private address)."""
@@ -308,7 +308,7 @@ def rewrite_one_label(path: Path) -> None:
 
 def test_a_changed_export_manifest_is_refused_exit_2(ccfg, server: Server) -> None:
     """The cache verifies each export manifest against the sha256 the run's record holds
-    (RELIABILITY.md 31): a valid Parquet with one label changed is refused, naming the file."""
+    (docs/faults.md 31): a valid Parquet with one label changed is refused, naming the file."""
     from conftest import AIRATINGS, air_env
 
     cfg = ccfg()
@@ -426,7 +426,7 @@ def test_failure_rate_over_the_limit_from_transient_failures_exits_75(ccfg, serv
 
 
 def test_cache_runs_a_fixed_set_of_workers_not_a_task_per_url(ccfg, server: Server) -> None:
-    """Memory does not grow with the number of URLs (RELIABILITY.md 33): however many URLs,
+    """Memory does not grow with the number of URLs (docs/faults.md 33): however many URLs,
     the event loop holds about cache.concurrency tasks (a bounded queue feeds them), and the
     results come back as flat arrays."""
     import asyncio
@@ -522,7 +522,7 @@ def test_second_concurrent_run_exits_zero_saying_why(ccfg, server: Server) -> No
 
 def test_stale_temp_files_are_swept(ccfg, server: Server) -> None:
     """The sweep at a shard's start removes what a dead writer left, never another live
-    shard's in-flight download (RELIABILITY.md 29)."""
+    shard's in-flight download (docs/faults.md 29)."""
     from jobs import artifacts
 
     cfg = ccfg()

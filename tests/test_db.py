@@ -216,7 +216,7 @@ def test_dbt_profile_keeps_the_urls_sslmode(cfg):
 
 
 def test_job_connections_carry_timeouts_and_keepalives(make_cfg, database_url):
-    """RELIABILITY 27: nothing waits forever. The database section's timeouts reach the server
+    """docs/faults.md 27: nothing waits forever. The database section's timeouts reach the server
     (``options``), keepalives reach libpq; 0 turns a timeout off."""
     from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
@@ -243,7 +243,7 @@ def test_job_connections_carry_timeouts_and_keepalives(make_cfg, database_url):
 
 
 def test_database_lost_inside_a_connection_block_is_transient(cfg):
-    """RELIABILITY 28: the server closing the connection mid-job is exit 75, not a raw
+    """docs/faults.md 28: the server closing the connection mid-job is exit 75, not a raw
     psycopg traceback."""
     from jobs.errors import TransientError
 

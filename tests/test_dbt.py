@@ -214,7 +214,7 @@ def test_interrupt_inside_dbt_is_not_reported_as_a_dbt_failure():
 
 
 def test_sigterm_during_dbt_build_exits_75(pg_server, tmp_path):
-    """RELIABILITY 3 through the real CLI: SIGTERM while dbt runs models -> exit 75 in < 30 s."""
+    """docs/faults.md 3 through the real CLI: SIGTERM while dbt runs models -> exit 75 in < 30 s."""
     import os
     import signal
     import subprocess
@@ -318,7 +318,7 @@ def _build_while_killing_dbt(cfg, pg_server, start_killing: str | None) -> None:
 
 @pytest.mark.parametrize("start_killing", [None, "public.webcams"])
 def test_database_lost_mid_build_is_transient(pg_server, tmp_path, start_killing):
-    """RELIABILITY 28: whether dbt stops on the lost connection (DbtDatabaseError, "server
+    """docs/faults.md 28: whether dbt stops on the lost connection (DbtDatabaseError, "server
     closed the connection unexpectedly") or nodes fail on it ("terminating connection due to
     administrator command"), the build is exit 75 (retried), never 2 (a data problem)."""
     from jobs.errors import TransientError

@@ -116,7 +116,7 @@ def test_concurrent_evaluate_exits_saying_so(make_cfg):
 
 def test_evaluate_whose_lock_was_lost_exits_75_and_writes_no_result(make_cfg, monkeypatch):
     """The lock's connection dies while the test split is scored (server restart, network):
-    a twin may be evaluating too, so nothing is committed (RELIABILITY 27)."""
+    a twin may be evaluating too, so nothing is committed (docs/faults.md 27)."""
     cfg = make_cfg(**FAST, evaluate__bootstrap_samples=50)
     db.migrate(cfg)
     world = make_world(cfg, n=120)
@@ -145,7 +145,7 @@ def test_evaluate_whose_lock_was_lost_exits_75_and_writes_no_result(make_cfg, mo
 
 
 def test_already_evaluated_is_checked_against_its_files_rows_and_inputs(make_cfg):
-    """RELIABILITY 30 for evaluate: "evaluated" is trusted only while metrics.json and
+    """docs/faults.md 30 for evaluate: "evaluated" is trusted only while metrics.json and
     report.html are the files it wrote, its rows are there and its inputs are the same;
     otherwise the run is evaluated again (never an exit-2 dead end)."""
     cfg = make_cfg(**FAST, evaluate__bootstrap_samples=50)

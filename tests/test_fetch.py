@@ -366,7 +366,7 @@ def test_redact_url_drops_tokens() -> None:
     assert URL(redact_url("http://h/x.jpg")).host == "h"
 
 
-# ---- every spelling of an address (RELIABILITY.md 26) -----------------------------------------
+# ---- every spelling of an address (docs/faults.md 26) -----------------------------------------
 
 
 def refusal(url: str, pol: UrlPolicy | None = None) -> str | None:

@@ -138,7 +138,7 @@ def test_sniff_and_to_rgb_basics() -> None:
 
 
 def test_no_module_disables_pillow_safety() -> None:
-    """Guard: nothing in the project turns off truncation or bomb checks (RELIABILITY.md 13)."""
+    """Guard: nothing in the project turns off truncation or bomb checks (docs/faults.md 13)."""
     bad = [
         re.compile("LOAD_TRUNCATED" + r"_IMAGES\s*=\s*True"),
         re.compile("MAX_IMAGE" + r"_PIXELS\s*=\s*(None|0\b)"),

@@ -1,4 +1,4 @@
-"""RELIABILITY 27, 28, 32 on a real PostgreSQL: timeouts and keepalives on every connection,
+"""docs/faults.md 27, 28, 32 on a real PostgreSQL: timeouts and keepalives on every connection,
 locks that notice their connection died, the database lost mid-job is exit 75, and no
 password reaches a log line, a summary or an error in any connection-string form."""
 
@@ -201,7 +201,7 @@ def _dsn_forms(port: int) -> list[tuple[str, str]]:
 
 @pytest.mark.parametrize("form", range(5))
 def test_no_password_in_output_for_any_dsn_form(tmp_path, form):
-    """RELIABILITY 32 through the real CLI: the export fails fast against a dead server, the
+    """docs/faults.md 32 through the real CLI: the export fails fast against a dead server, the
     summary of `db start` echoes the (redacted) URL; the password is in neither stream."""
     import os
     import subprocess
@@ -217,9 +217,7 @@ def test_no_password_in_output_for_any_dsn_form(tmp_path, form):
         "AIR_LOG_LEVEL": "DEBUG",
     }
     for args, code in ((["export", "--json"], 75), (["db", "start", "--json"], 0)):
-        r = subprocess.run(
-            [AIRATINGS, *args], capture_output=True, text=True, env=env, timeout=120
-        )
+        r = subprocess.run([AIRATINGS, *args], capture_output=True, text=True, env=env, timeout=120)
         assert r.returncode == code, r.stderr
         assert secret not in r.stdout and secret not in r.stderr, args
         assert "S3cret" not in r.stdout + r.stderr, args

@@ -1,4 +1,4 @@
-"""RELIABILITY.md 3: SIGTERM mid-work stops, rolls back, removes temp files and exits 75
+"""docs/faults.md 3: SIGTERM mid-work stops, rolls back, removes temp files and exits 75
 within 30 s; the re-run picks up from what was committed."""
 
 from __future__ import annotations

@@ -146,7 +146,7 @@ def test_resume_refuses_other_training_rows_of_the_same_dataset(fast_cfg):
 
 def test_a_changed_active_manifest_is_refused_exit_2(fast_cfg):
     """Training verifies the active manifests against the sha256 the cache step recorded
-    (RELIABILITY.md 31): a valid Parquet with one label changed is refused, naming the file,
+    (docs/faults.md 31): a valid Parquet with one label changed is refused, naming the file,
     before anything is written; so is a manifest the cache record does not know."""
     import pyarrow as pa
     import pyarrow.parquet as pq

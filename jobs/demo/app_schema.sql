@@ -1,5 +1,5 @@
 -- A mirror of the app's tables, for the demo and the tests only. In production these belong
--- to the app and `airatings migrate` never creates them (DESIGN.md "The app's tables").
+-- to the app and `airatings migrate` never creates them (docs/architecture.md "The app's tables").
 -- Runs with search_path set to database.app_schema. Idempotent (if not exists).
 
 create table if not exists webcams (

@@ -81,7 +81,7 @@ def _recache_hint(run: Run) -> str:
 
 def verify_active_manifest(cfg: Config, run: Run, split: str) -> Path:
     """The run's active manifest for ``split``, checked against the sha256 the cache step
-    recorded in ``params_json['cache']['active_files']`` when it wrote it (RELIABILITY.md 31).
+    recorded in ``params_json['cache']['active_files']`` when it wrote it (docs/faults.md 31).
     Missing, unrecorded or changed: InputError (exit 2) naming the file and the fix."""
     from jobs.artifacts import sha256_file
 

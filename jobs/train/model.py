@@ -1,6 +1,6 @@
 """The network for a target: ``Normalize + torchvision backbone + new head``.
 
-Shared by train, evaluate and onnx_export (DESIGN.md). The wrapper takes either uint8 NHWC
+Shared by train, evaluate and onnx_export (docs/contracts.md). The wrapper takes either uint8 NHWC
 (what the ONNX graph and the scorers feed: RGB pixels after ``jobs.images.preprocess``) or
 float NCHW in 0..255, and applies the ImageNet normalisation inside, so the exported graph is
 exactly this module.
