@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from jobs import db, runs
+from jobs import db, provenance, runs
 from jobs.artifacts import (
     FOREIGN_TEMP_AGE_S,
     atomic_path,
@@ -1036,7 +1036,12 @@ def merge_shards(
         "active_files": active_files,
         **(extra or {}),
     }
-    with db.connect(cfg) as conn:
+    # One transaction: each label row marked used or excluded (with the reason) and the status
+    # move, so the provenance tables never disagree with the active manifests just written.
+    with db.connect(cfg) as conn, conn.transaction():
+        summary["labels"] = provenance.record_label_use(
+            conn, cfg, run.id, failures, used_rows=total - failed
+        )
         runs.set_status(conn, cfg, run.id, "cached", step="cache", summary=summary)
     log.info(
         "active_manifests_written",
