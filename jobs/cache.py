@@ -154,7 +154,7 @@ def conform_manifest(table: pa.Table, path: Path) -> pa.Table:
 def read_manifests(cfg: Config, run: runs.Run) -> dict[str, pa.Table]:
     """The run's export manifests, each verified against the sha256 the export recorded in the
     run's ``params_json['export']['files']`` (the database record is the authority, not the
-    dataset.json beside the files: RELIABILITY.md 31)."""
+    dataset.json beside the files: docs/faults.md 31)."""
     import pyarrow.parquet as pq
 
     directory = _dataset_dir(cfg, run)
@@ -257,7 +257,7 @@ _EXTS = ("jpg", "png", "webp", "gif")  # the stored extensions (migration 0010's
 
 class UrlResults:
     """Each URL's outcome in a few flat arrays indexed like ``urls``: 42 bytes a URL and no
-    Python object per URL, so 200k URLs cost 8 MB, not a dict of dataclasses (RELIABILITY.md
+    Python object per URL, so 200k URLs cost 8 MB, not a dict of dataclasses (docs/faults.md
     33). ``batches()`` builds the shard output from them."""
 
     def __init__(self, urls: Sequence[str]) -> None:
@@ -510,7 +510,7 @@ def _origin(url: str) -> str | None:
 
 class HitPolicy:
     """An index hit re-checked against the *current* config before its file is used
-    (RELIABILITY.md 30): the index says what a URL gave under the config of its day, not that
+    (docs/faults.md 30): the index says what a URL gave under the config of its day, not that
     today's config still accepts it. A refused hit fails with the reason a fresh fetch would
     give (``blocked_url``, ``invalid_url``, ``unsupported_format``, ``decompression_bomb``),
     without a request.
@@ -674,7 +674,7 @@ async def cache_urls(
     files present) cost no request; new entries are upserted in batches as they complete, so a
     killed run keeps its progress.
 
-    Memory does not grow with the number of URLs beyond the compact results (RELIABILITY.md
+    Memory does not grow with the number of URLs beyond the compact results (docs/faults.md
     33): the index is read ``lookup_batch`` URLs at a time, and a fixed set of
     ``cache.concurrency`` workers takes URLs from a bounded queue (no task per URL).
     """
