@@ -25,6 +25,10 @@ lock: _ensure-setup
 demo: _ensure-setup
     {{ bin }}/airatings demo run --config configs/demo.yaml
 
+# The release steps in order on the config's database (resumes an unfinished run)
+release *args: _ensure-setup
+    {{ bin }}/airatings release {{ args }}
+
 # Run the test suite against a real embedded PostgreSQL
 test *args: _ensure-setup
     {{ bin }}/pytest {{ args }}
