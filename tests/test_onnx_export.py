@@ -14,6 +14,7 @@ import json
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -282,16 +283,18 @@ class _Chain(torch.nn.Module):
 def _export_chain(module, sample) -> ort.InferenceSession:
     OE.register_symbolics()
     buf = io.BytesIO()
-    torch.onnx.export(
-        module,
-        (sample,),
-        buf,
-        dynamo=False,
-        opset_version=OE.OPSET,
-        input_names=["image"],
-        output_names=["out"],
-        dynamic_axes={"image": {0: "n", 1: "h", 2: "w"}},
-    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter's notice
+        torch.onnx.export(
+            module,
+            (sample,),
+            buf,
+            dynamo=False,
+            opset_version=OE.OPSET,
+            input_names=["image"],
+            output_names=["out"],
+            dynamic_axes={"image": {0: "n", 1: "h", 2: "w"}},
+        )
     return ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"])
 
 
