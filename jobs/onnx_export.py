@@ -633,7 +633,7 @@ def run(
         summary, parity_doc, model_bytes = _export_and_check(
             cfg, the_run, best, ckpt_sha, manifests, short_side, key, graph_hook
         )
-        # A lost lock (RELIABILITY 27): a twin may be exporting too; write nothing.
+        # A lost lock (docs/faults.md 27): a twin may be exporting too; write nothing.
         db.check_locks()
         parity_text = json.dumps(parity_doc, indent=2, sort_keys=True, allow_nan=False)
         atomic_write_text(run_paths.parity, parity_text)
