@@ -60,7 +60,7 @@ original through the graph and scoring the cache's training copy the way evaluat
 "Already done" is checked: the same inputs (checkpoint, manifests, threshold, format) and
 ``model.onnx`` / ``parity.json`` with the sha256s recorded -> ``already_done``; a file missing
 or changed -> exported again (refused once the run is ``registered``: the registered copy is
-the record then). ONNX files are read only through :func:`load_checked`, which refuses
+the record then). ONNX files are read only through :func:`jobs.onnx_files.load_checked`, which refuses
 external data outside the model's folder.
 
 Not done: the optional INT8 static QDQ quantisation of issue [7/11] (config-gated there; not
@@ -87,6 +87,7 @@ from jobs import calibration, db, logs, paths, runs
 from jobs.artifacts import atomic_path, atomic_write_text, sha256_bytes, sha256_file, sweep_temp
 from jobs.errors import InputError
 from jobs.images import IMAGENET_MEAN, IMAGENET_STD
+from jobs.onnx_files import load_checked
 
 if TYPE_CHECKING:
     import onnx
@@ -340,74 +341,6 @@ def preprocessing_spec(short_side: int, size: int) -> dict[str, Any]:
 
 
 # ---- loading ONNX files safely -------------------------------------------------------------
-
-
-def _all_tensors(model: onnx.ModelProto) -> list[Any]:
-    """Every TensorProto of the model: initializers, sparse ones, node attributes, subgraphs."""
-    import onnx
-
-    out: list[Any] = []
-
-    def graph(g: Any) -> None:
-        out.extend(g.initializer)
-        for sp in g.sparse_initializer:
-            out.extend([sp.values, sp.indices])
-        for node in g.node:
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.TENSOR:
-                    out.append(attr.t)
-                elif attr.type == onnx.AttributeProto.TENSORS:
-                    out.extend(attr.tensors)
-                elif attr.type == onnx.AttributeProto.SPARSE_TENSOR:
-                    out.extend([attr.sparse_tensor.values, attr.sparse_tensor.indices])
-                elif attr.type == onnx.AttributeProto.GRAPH:
-                    graph(attr.g)
-                elif attr.type == onnx.AttributeProto.GRAPHS:
-                    for sub in attr.graphs:
-                        graph(sub)
-
-    graph(model.graph)
-    for fn in model.functions:
-        for node in fn.node:
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.TENSOR:
-                    out.append(attr.t)
-    return out
-
-
-def load_checked(path: str | Path, *, expected_sha256: str | None = None) -> onnx.ModelProto:
-    """Load an ONNX file, refusing (InputError) one whose external data would be read from
-    outside its own folder (absolute locations, ``..``, symlinks leading out) and, with
-    ``expected_sha256``, one whose bytes are not the recorded ones."""
-    import onnx
-
-    path = Path(path)
-    if expected_sha256 is not None and sha256_file(path) != expected_sha256:
-        raise InputError(f"{path}: sha256 does not match the recorded {expected_sha256}")
-    try:
-        model = onnx.load(path, load_external_data=False)
-    except Exception as exc:  # protobuf's DecodeError and friends: not an ONNX file
-        raise InputError(
-            f"{path}: not a readable ONNX model ({type(exc).__name__}: {exc})"
-        ) from None
-    folder = path.parent.resolve()
-    external = False
-    for tensor in _all_tensors(model):
-        if tensor.data_location != onnx.TensorProto.EXTERNAL:
-            continue
-        external = True
-        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
-        target = (folder / location).resolve()
-        if not location or Path(location).is_absolute() or not target.is_relative_to(folder):
-            raise InputError(
-                f"{path}: tensor {tensor.name!r} has external data at {location!r}, outside the "
-                f"model's folder {folder}; refusing to load it"
-            )
-        if not target.is_file():
-            raise InputError(f"{path}: external data {location!r} of {tensor.name!r} is missing")
-    if external:
-        onnx.load_external_data_for_model(model, str(folder))
-    return model
 
 
 # ---- onnxruntime ---------------------------------------------------------------------------

@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 from psycopg import sql
 
-from jobs import db, logs, paths, registry, runs
+from jobs import db, logs, onnx_files, paths, registry, runs
 from jobs.artifacts import sha256_bytes, sha256_file, sweep_temp, verify_sha256, write_once
 from jobs.errors import InputError
 
@@ -302,7 +302,7 @@ def _verified_model_bytes(path: Path, expected: str, v: str) -> bytes:
         model = onnx.load_from_string(data)
     except Exception as exc:  # protobuf's DecodeError: not ONNX
         raise InputError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from None
-    external = registry.external_tensors(model)
+    external = onnx_files.external_tensors(model)
     if external:
         raise InputError(
             f"{path}: tensors {external[:5]} keep their data outside the file; only "

@@ -35,7 +35,7 @@ Loading: every reader of a registered model goes through :func:`read_verified` (
 :func:`load_verified` (path): the database row must be ``registered``; ``model_card.json``
 must have the sha256 the registration recorded; ``model.onnx`` must have the sha256 both the
 card and the row hold; it must hold no external data (a registered model is one file), and
-:func:`jobs.onnx_export.load_checked` refuses any external data outside its folder. Any
+:func:`jobs.onnx_files.load_checked` refuses any external data outside its folder. Any
 mismatch refuses (``InputError``, exit 2) naming the file.
 """
 
@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any
 
 from psycopg import sql
 
-from jobs import db, logs, paths, runs
+from jobs import db, logs, onnx_files, paths, runs
 from jobs.artifacts import sha256_bytes, sha256_file
 from jobs.errors import InputError, TransientError
 
@@ -159,47 +159,6 @@ def _artifact(conn: psycopg.Connection, cfg: Config, run_id: int) -> tuple[str |
 # ---- loading a registered model ----------------------------------------------------------------
 
 
-def external_tensors(model: Any) -> list[str]:
-    """Names of the tensors whose data an ONNX model keeps outside itself (initializers,
-    sparse initializers, constant attributes, subgraphs, functions)."""
-    import onnx
-
-    found: list[str] = []
-
-    def tensor(t: Any) -> None:
-        if t.data_location == onnx.TensorProto.EXTERNAL:
-            found.append(t.name)
-
-    def attributes(attrs: Any) -> None:
-        for attr in attrs:
-            if attr.type == onnx.AttributeProto.TENSOR:
-                tensor(attr.t)
-            elif attr.type == onnx.AttributeProto.TENSORS:
-                for t in attr.tensors:
-                    tensor(t)
-            elif attr.type == onnx.AttributeProto.SPARSE_TENSOR:
-                tensor(attr.sparse_tensor.values)
-            elif attr.type == onnx.AttributeProto.GRAPH:
-                graph(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    graph(g)
-
-    def graph(g: Any) -> None:
-        for t in g.initializer:
-            tensor(t)
-        for sp in g.sparse_initializer:
-            tensor(sp.values)
-        for node in g.node:
-            attributes(node.attribute)
-
-    graph(model.graph)
-    for fn in model.functions:
-        for node in fn.node:
-            attributes(node.attribute)
-    return found
-
-
 def read_verified(cfg: Config, version: str) -> tuple[bytes, dict[str, Any]]:
     """``(model.onnx bytes, card)`` of a registered version, checked (module doc): the bytes
     returned are the ones hashed, so a scorer that builds its session from them cannot load a
@@ -248,7 +207,7 @@ def read_verified(cfg: Config, version: str) -> tuple[bytes, dict[str, Any]]:
         model = onnx.load_from_string(data)
     except Exception as exc:  # protobuf's DecodeError: not ONNX (cannot pass the sha check)
         raise InputError(f"{model_paths.onnx}: not a readable ONNX model ({exc})") from None
-    external = external_tensors(model)
+    external = onnx_files.external_tensors(model)
     if external:
         raise InputError(
             f"{model_paths.onnx}: tensors {external[:5]} keep their data outside the file; a "
@@ -260,13 +219,12 @@ def read_verified(cfg: Config, version: str) -> tuple[bytes, dict[str, Any]]:
 def load_verified(cfg: Config, version: str) -> tuple[Path, dict[str, Any]]:
     """``(path to model.onnx, card)`` of a registered version, checked like
     :func:`read_verified`, and the file at ``path`` checked again by
-    :func:`jobs.onnx_export.load_checked` (its sha256, no external data outside its folder)
+    :func:`jobs.onnx_files.load_checked` (its sha256, no external data outside its folder)
     right before it is handed out. Prefer :func:`read_verified` when you can load bytes."""
-    from jobs import onnx_export
 
     _, card = read_verified(cfg, version)
     path = paths.of(cfg).model(card["model_version"]).onnx
-    onnx_export.load_checked(path, expected_sha256=card["sha256"])
+    onnx_files.load_checked(path, expected_sha256=card["sha256"])
     return path, card
 
 

@@ -35,6 +35,7 @@ from jobs import db, paths, runs
 from jobs.artifacts import owner_tag
 from jobs.errors import InputError
 from jobs.images import encode_jpeg, load_image, preprocess, resize_short_side
+from jobs.onnx_files import load_checked
 from jobs.train.model import model_from_checkpoint
 
 SHORT_SIDE = 64  # the training copies' short side (cache.train_short_side)
@@ -130,7 +131,7 @@ def test_export_checks_parity_records_and_redoes_a_tampered_file(trained):
     assert not stale.exists()  # swept on the next start
 
     assert out["status"] == "onnx_exported" and run_status(cfg, run_id)[0] == "onnx_exported"
-    model = OE.load_checked(run_paths.onnx, expected_sha256=out["onnx_sha256"])
+    model = load_checked(run_paths.onnx, expected_sha256=out["onnx_sha256"])
     onnx.checker.check_model(model, full_check=True)
     assert model.opset_import[0].version == OE.OPSET == out["opset"]
     assert out["io"] == {
@@ -209,7 +210,7 @@ def test_export_checks_parity_records_and_redoes_a_tampered_file(trained):
     redone = OE.run(cfg, run=version)
     assert redone["status"] == "onnx_exported"
     assert hashlib.sha256(run_paths.onnx.read_bytes()).hexdigest() == redone["onnx_sha256"]
-    meta = {p.key: p.value for p in OE.load_checked(run_paths.onnx).metadata_props}
+    meta = {p.key: p.value for p in load_checked(run_paths.onnx).metadata_props}
     assert meta["model_version"] == version
 
     # ... and so is a missing one
@@ -366,7 +367,7 @@ def _model_with_external_weight(folder: Path, location: str) -> Path:
 
 def test_external_data_inside_the_folder_loads(tmp_path):
     path = _model_with_external_weight(tmp_path / "m", "w.bin")
-    model = OE.load_checked(path)
+    model = load_checked(path)
     np.testing.assert_array_equal(numpy_helper.to_array(model.graph.initializer[0]), np.arange(4))
 
 
@@ -385,17 +386,17 @@ def test_external_data_outside_the_folder_is_refused(tmp_path, where):
         location = "link.bin"
     path = _model_with_external_weight(folder, location)
     with pytest.raises(InputError, match="outside the model's folder"):
-        OE.load_checked(path)
+        load_checked(path)
 
 
 def test_a_file_that_is_not_onnx_or_not_the_recorded_one_is_refused(tmp_path):
     bad = tmp_path / "model.onnx"
     bad.write_bytes(b"\x00not a protobuf\xff" * 10)
     with pytest.raises(InputError, match="not a readable ONNX model"):
-        OE.load_checked(bad)
+        load_checked(bad)
     good = _model_with_external_weight(tmp_path / "m", "w.bin")
     with pytest.raises(InputError, match="sha256"):
-        OE.load_checked(good, expected_sha256="0" * 64)
+        load_checked(good, expected_sha256="0" * 64)
 
 
 def test_a_changed_manifest_or_checkpoint_is_refused_before_any_work(trained):
