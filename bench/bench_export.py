@@ -123,8 +123,10 @@ def main() -> int:
             # a clean slate so that each export does all the work
             shutil.rmtree(cfg.artifacts_dir, ignore_errors=True)
             with db.connect(cfg) as conn:
+                # delete, not truncate: the registry's history tables refuse a truncate
+                # cascading into them (nothing here is registered, so plain deletes pass)
                 conn.execute(
-                    sql.SQL("truncate {} cascade").format(runs.table(cfg, "model_training_runs"))
+                    sql.SQL("delete from {}").format(runs.table(cfg, "model_training_runs"))
                 )
             t0 = time.perf_counter()
             summary = export.export_dataset(cfg, csv=False)
