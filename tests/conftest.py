@@ -17,6 +17,9 @@ import pytest
 from jobs import db
 from jobs.config import Config, load_config
 
+# Fixtures shared by several test files, registered here instead of imported into each one.
+pytest_plugins = ["cache_fixtures"]
+
 REPO = Path(__file__).resolve().parents[1]
 BASELINE = REPO / "configs" / "v2_baseline.yaml"
 DEMO = REPO / "configs" / "demo.yaml"

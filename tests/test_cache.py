@@ -1,4 +1,3 @@
-# ruff: noqa: F811  (pytest fixtures imported from cache_fixtures are test parameters by design)
 """`airatings cache` end to end: real Postgres (migrated), real loopback HTTP server, real files."""
 
 from __future__ import annotations
@@ -11,16 +10,14 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from cache_fixtures import (  # noqa: F401
+from cache_fixtures import (
     Server,
     cache_files,
     encode,
     gradient,
-    http_server,
     jpeg,
     make_exported_run,
     odd_images,
-    server,
 )
 from PIL import Image, JpegImagePlugin
 

@@ -1,4 +1,3 @@
-# ruff: noqa: F811  (pytest fixtures imported from cache_fixtures are test parameters by design)
 """jobs.fetch against a real aiohttp server on loopback with fault endpoints.
 
 Only the test server's exact ip:port is allowed although private; every blocked case below is
@@ -19,7 +18,7 @@ from urllib.parse import quote
 
 import aiohttp
 import pytest
-from cache_fixtures import Server, http_server, jpeg, server, start_server  # noqa: F401
+from cache_fixtures import Server, jpeg, start_server
 from hypothesis import given
 from hypothesis import strategies as st
 from yarl import URL

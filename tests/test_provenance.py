@@ -1,4 +1,3 @@
-# ruff: noqa: F811  (pytest fixtures imported from cache_fixtures are test parameters by design)
 """Which label rows training used: the cache marks them in the transaction that moves the run
 to `cached`, and refuses to record anything that disagrees with the active manifests."""
 
@@ -11,7 +10,7 @@ import subprocess
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from cache_fixtures import Server, http_server, jpeg, make_exported_run, server  # noqa: F401
+from cache_fixtures import Server, jpeg, make_exported_run
 from conftest import AIRATINGS, BASELINE, REPO, air_env
 
 from jobs import cache, db, provenance

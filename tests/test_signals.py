@@ -9,7 +9,6 @@ import signal
 import subprocess
 import time
 
-from cache_fixtures import http_server, server  # noqa: F401 (fixtures)
 from conftest import AIRATINGS, air_env
 from train_fixtures import FAST, make_world, run_status
 
@@ -69,7 +68,7 @@ def test_sigterm_during_training_exits_75_cleanly_and_rerun_resumes(make_cfg):
     assert run_status(cfg, world["run_id"])[0] == "trained"
 
 
-def test_sigterm_during_cache_exits_75_and_leaves_only_complete_files(make_cfg, server):  # noqa: F811
+def test_sigterm_during_cache_exits_75_and_leaves_only_complete_files(make_cfg, server):
     from cache_fixtures import jpeg, make_exported_run
     from PIL import Image
 
