@@ -78,7 +78,7 @@ def main() -> None:
     import torch
     from PIL import Image
 
-    import jobs.onnx_export as OE
+    from jobs import onnx_export
     from jobs.images import preprocess, resize_short_side
     from jobs.resources import available_cpus
     from jobs.train.model import build_model
@@ -88,7 +88,7 @@ def main() -> None:
     torch.manual_seed(0)
     target, size = "regression", args.size
     net = build_model({"backbone": args.backbone, "target": target, "input_size": size}).eval()
-    scorer = OE.build_scorer(net, target, args.short_side, size)
+    scorer = onnx_export.build_scorer(net, target, args.short_side, size)
 
     class Fixed(torch.nn.Module):
         """The network alone: uint8 NHWC size x size -> raw_score."""
@@ -98,7 +98,7 @@ def main() -> None:
             self.model = model
 
         def forward(self, image):
-            return OE.raw_score_from(self.model(image), target)
+            return onnx_export.raw_score_from(self.model(image), target)
 
     fixed = Fixed(net).eval()
     originals = make_originals(max(args.images, 32), args.width, args.height)
@@ -107,8 +107,8 @@ def main() -> None:
         for a in originals
     ]
 
-    full_graph, info = OE.simplify(
-        OE.export_graph(scorer, torch.from_numpy(originals[0][None])),
+    full_graph, info = onnx_export.simplify(
+        onnx_export.export_graph(scorer, torch.from_numpy(originals[0][None])),
         [np.stack(originals[:2])],
         threads,
     )
@@ -120,13 +120,16 @@ def main() -> None:
             (torch.from_numpy(pil[0][None]),),
             buf,
             dynamo=False,
-            opset_version=OE.OPSET,
-            input_names=[OE.INPUT_NAME],
-            output_names=[OE.OUTPUT_NAME],
-            dynamic_axes={OE.INPUT_NAME: {0: "batch"}, OE.OUTPUT_NAME: {0: "batch"}},
+            opset_version=onnx_export.OPSET,
+            input_names=[onnx_export.INPUT_NAME],
+            output_names=[onnx_export.OUTPUT_NAME],
+            dynamic_axes={
+                onnx_export.INPUT_NAME: {0: "batch"},
+                onnx_export.OUTPUT_NAME: {0: "batch"},
+            },
         )
-    full = OE.ort_session(full_graph.SerializeToString(), threads)
-    net_ort = OE.ort_session(buf.getvalue(), threads)
+    full = onnx_export.ort_session(full_graph.SerializeToString(), threads)
+    net_ort = onnx_export.ort_session(buf.getvalue(), threads)
 
     singles = [a[None] for a in originals[: args.images]]
     singles_pil = [a[None] for a in pil[: args.images]]
@@ -145,20 +148,23 @@ def main() -> None:
             xs = np.stack(
                 [preprocess(resize_short_side(im, args.short_side), size) for im in images]
             )
-            return OE.ort_raw(net_ort, xs)
+            return onnx_export.ort_raw(net_ort, xs)
 
         return go
 
     sides: dict[str, tuple[Callable[[], object], int]] = {
         # name: (work, images it scores)
-        "full ort b1": (each(lambda x: OE.ort_raw(full, x), singles), len(singles)),
-        "full torch b1": (each(lambda x: OE.torch_raw(scorer, x), singles), len(singles)),
-        "full ort b32": (reps(lambda: OE.ort_raw(full, batch)), 32 * args.reps),
-        "full torch b32": (reps(lambda: OE.torch_raw(scorer, batch)), 32 * args.reps),
-        "net ort b1": (each(lambda x: OE.ort_raw(net_ort, x), singles_pil), len(singles)),
-        "net torch b1": (each(lambda x: OE.torch_raw(fixed, x), singles_pil), len(singles)),
-        "net ort b32": (reps(lambda: OE.ort_raw(net_ort, batch_pil)), 32 * args.reps),
-        "net torch b32": (reps(lambda: OE.torch_raw(fixed, batch_pil)), 32 * args.reps),
+        "full ort b1": (each(lambda x: onnx_export.ort_raw(full, x), singles), len(singles)),
+        "full torch b1": (each(lambda x: onnx_export.torch_raw(scorer, x), singles), len(singles)),
+        "full ort b32": (reps(lambda: onnx_export.ort_raw(full, batch)), 32 * args.reps),
+        "full torch b32": (reps(lambda: onnx_export.torch_raw(scorer, batch)), 32 * args.reps),
+        "net ort b1": (each(lambda x: onnx_export.ort_raw(net_ort, x), singles_pil), len(singles)),
+        "net torch b1": (
+            each(lambda x: onnx_export.torch_raw(fixed, x), singles_pil),
+            len(singles),
+        ),
+        "net ort b32": (reps(lambda: onnx_export.ort_raw(net_ort, batch_pil)), 32 * args.reps),
+        "net torch b32": (reps(lambda: onnx_export.torch_raw(fixed, batch_pil)), 32 * args.reps),
         "pil+net ort b1": (
             each(lambda im: pil_then_graph([im])(), pil_images[: args.images]),
             len(singles),

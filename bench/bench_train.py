@@ -97,16 +97,16 @@ def main() -> None:
 
     from jobs.config import CacheConfig
     from jobs.resources import available_cpus
-    from jobs.train import data as D
+    from jobs.train import data as train_data
     from jobs.train import engine
-    from jobs.train import model as M
+    from jobs.train import model as train_model
 
     cores = available_cpus()
     threads = args.threads or cores
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     spec = {"backbone": args.backbone, "target": "regression", "input_size": args.size}
-    model = M.build_model(spec).to(memory_format=torch.channels_last)
+    model = train_model.build_model(spec).to(memory_format=torch.channels_last)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
@@ -135,7 +135,7 @@ def main() -> None:
             source = f"generated, q{quality}/{args.subsampling or 'as the cache writes'}"
         kb = np.mean([p.stat().st_size for p in paths]) / 1e3
         targets = np.random.default_rng(1).uniform(0, 5, (len(paths), 1)).astype(np.float32)
-        ds = D.ManifestDataset(
+        ds = train_data.ManifestDataset(
             paths, targets, np.ones(len(paths), np.float32), args.size, augment=True
         )
 

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from jobs import db, provenance, runs
+from jobs import db, paths, provenance, runs
 from jobs.artifacts import (
     FOREIGN_TEMP_AGE_S,
     atomic_path,
@@ -53,6 +53,7 @@ from jobs.artifacts import (
 )
 from jobs.errors import InputError, TransientError
 from jobs.logs import bind, get_logger
+from jobs.paths import DatasetPaths, ImagePaths
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -61,25 +62,15 @@ if TYPE_CHECKING:
     from jobs.fetch import Fetcher
 
 SPLITS = ("train", "val", "test")
-SHARD_DIR = "cache_shards"
 # jobs.fetch reasons for failures that may pass by themselves (besides HTTP 429 and 5xx)
 _TRANSIENT_REASONS = frozenset({"timeout", "connection_error"})
 _LOGGED_FAILURES = 50  # individual failure events logged per shard; the rest only counted
 
 
-# ---- paths -------------------------------------------------------------------------------------
+# ---- paths (the tree itself is jobs/paths.py) -----------------------------------------------
 
-
-def images_dir(cfg: Config) -> Path:
-    return cfg.artifacts_dir / "images"
-
-
-def original_rel(sha: str, ext: str) -> str:
-    return f"images/original/{sha[:2]}/{sha}.{ext}"
-
-
-def train_rel(sha: str, short_side: int) -> str:
-    return f"images/train{short_side}/{sha[:2]}/{sha}.jpg"
+original_rel = ImagePaths.original_rel
+train_rel = ImagePaths.train_rel
 
 
 def url_key(url: str) -> str:
@@ -117,19 +108,15 @@ def shard_of(url: str, count: int) -> int:
     return int(url_key(url)[:16], 16) % count
 
 
-def shard_path(cfg: Config, model_version: str, i: int, n: int) -> Path:
-    return runs.run_dir(cfg, model_version) / SHARD_DIR / f"{i}-of-{n}.parquet"
-
-
 # ---- manifests ---------------------------------------------------------------------------------
 
 
-def _dataset_dir(cfg: Config, run: runs.Run) -> Path:
+def _dataset(cfg: Config, run: runs.Run) -> DatasetPaths:
     export = run.params.get("export") or {}
     if export.get("dataset_dir"):
-        return Path(export["dataset_dir"])
+        return DatasetPaths(Path(export["dataset_dir"]))
     if run.dataset_hash:
-        return runs.dataset_dir(cfg, run.dataset_hash)
+        return paths.of(cfg).dataset(run.dataset_hash)
     raise InputError(
         f"run {run.model_version} records no dataset directory; re-run 'airatings export'"
     )
@@ -157,7 +144,7 @@ def read_manifests(cfg: Config, run: runs.Run) -> dict[str, pa.Table]:
     dataset.json beside the files: docs/faults.md 31)."""
     import pyarrow.parquet as pq
 
-    directory = _dataset_dir(cfg, run)
+    dataset = _dataset(cfg, run)
     recorded = (run.params.get("export") or {}).get("files") or {}
     fix = (
         "re-run 'airatings export' (it rewrites a dataset's manifests from the database when "
@@ -165,7 +152,7 @@ def read_manifests(cfg: Config, run: runs.Run) -> dict[str, pa.Table]:
     )
     out = {}
     for split in SPLITS:
-        path = directory / f"manifest_{split}.parquet"
+        path = dataset.manifest(split)
         if not path.is_file():
             raise InputError(
                 f"{path} is missing; the export of run {run.model_version} is incomplete"
@@ -188,11 +175,6 @@ def read_manifests(cfg: Config, run: runs.Run) -> dict[str, pa.Table]:
             raise InputError(f"{path} is not a readable Parquet file: {exc}") from None
         out[split] = conform_manifest(table, path)
     return out
-
-
-def active_paths(cfg: Config, model_version: str) -> dict[str, Path]:
-    active = runs.run_dir(cfg, model_version) / "active"
-    return {s: active / f"manifest_{s}.parquet" for s in SPLITS}
 
 
 # ---- the URL index (migration 0010) -----------------------------------------------------------
@@ -863,7 +845,7 @@ def _write_parquet(table: pa.Table, final: Path) -> None:
 
 
 def _complete_shard_set(cfg: Config, run: runs.Run) -> list[Path]:
-    directory = runs.run_dir(cfg, run.model_version) / SHARD_DIR
+    directory = paths.of(cfg).run(run.model_version).shard_dir
     by_count: dict[int, dict[int, Path]] = {}
     for p in directory.glob("*-of-*.parquet") if directory.exists() else []:
         i_text, _, n_text = p.stem.partition("-of-")
@@ -984,8 +966,8 @@ def merge_shards(
 
     failures = pa.concat_tables(fail_parts).combine_chunks()
     failures = failures.take(pc.sort_indices(failures, [("snapshot_id", "ascending")]))
-    out_dir = runs.run_dir(cfg, run.model_version)
-    failures_path = out_dir / "failures.parquet"
+    run_paths = paths.of(cfg).run(run.model_version)
+    failures_path = run_paths.failures
     _write_parquet(failures, failures_path)
 
     total = sum(c["rows"] for c in counts.values())
@@ -1013,7 +995,7 @@ def merge_shards(
             "Fix the source (or raise the limit) and re-run; already cached images are not fetched again."
         )
     active_files = {}
-    for split, path in active_paths(cfg, run.model_version).items():
+    for split, path in paths.of(cfg).run(run.model_version).active_manifests.items():
         # one split's active manifest in memory at a time
         active = _active_manifest(manifests[split], results, *found.pop(split), short)
         _write_parquet(active, path)
@@ -1029,9 +1011,9 @@ def merge_shards(
         "failure_reasons": reasons,
         "splits": counts,
         "shards": len(shard_files),
-        "active_dir": str(out_dir / "active"),
+        "active_dir": str(run_paths.active_dir),
         "failures_path": str(failures_path),
-        "images_dir": str(images_dir(cfg)),
+        "images_dir": str(paths.of(cfg).images.root),
         "train_short_side": short,
         "active_files": active_files,
         **(extra or {}),
@@ -1061,7 +1043,7 @@ def _active_problem(cfg: Config, run: runs.Run) -> str | None:
     """Why the run's active manifests are not what its cache step recorded (missing, changed,
     never recorded), or None when every one matches its recorded sha256."""
     recorded = (run.params.get("cache") or {}).get("active_files") or {}
-    for path in active_paths(cfg, run.model_version).values():
+    for path in paths.of(cfg).run(run.model_version).active_manifests.values():
         expected = (recorded.get(path.name) or {}).get("sha256")
         if not path.is_file():
             return f"{path} is missing"
@@ -1141,12 +1123,12 @@ def run(
             if problem is None:
                 log.info(
                     "cache_already_done",
-                    active_dir=str(runs.run_dir(cfg, r.model_version) / "active"),
+                    active_dir=str(paths.of(cfg).run(r.model_version).active_dir),
                 )
                 return {
                     **base,
                     "status": "already_done",
-                    "active_dir": str(runs.run_dir(cfg, r.model_version) / "active"),
+                    "active_dir": str(paths.of(cfg).run(r.model_version).active_dir),
                 }
             log.warning("cache_redone", status=r.status, problem=problem)
             # unsharded too: the shard outputs hold every URL's result, so the merge alone
@@ -1169,9 +1151,10 @@ def run(
         # Only what this process or a dead one left (or an unknown owner's, once old): other
         # shards share images/ and may be downloading into it right now.
         swept = sweep_temp(
-            images_dir(cfg), foreign_age_s=max(FOREIGN_TEMP_AGE_S, 2 * cfg.cache.total_timeout_s)
+            paths.of(cfg).images.root,
+            foreign_age_s=max(FOREIGN_TEMP_AGE_S, 2 * cfg.cache.total_timeout_s),
         )
-        swept += sweep_temp(runs.run_dir(cfg, r.model_version))
+        swept += sweep_temp(paths.of(cfg).run(r.model_version).root)
         all_urls = _distinct_urls(manifests)
         urls = [u for u in all_urls if shard_of(u, n) == i] if n > 1 else all_urls
         log.info("cache_started", urls=len(urls), shard=f"{i}/{n}", swept_temp_files=swept)
@@ -1179,7 +1162,7 @@ def run(
             results, stats = asyncio.run(
                 cache_urls(cfg, urls, index=ImageIndex(cfg, conn), fetcher=fetcher)
             )
-        out = shard_path(cfg, r.model_version, i, n)
+        out = paths.of(cfg).run(r.model_version).shard(i, n)
         results.write_parquet(out)
         failed = results.failure_counts()
         shard_summary = {

@@ -159,14 +159,6 @@ def mark_failed(conn: psycopg.Connection, cfg: Config, run_id: int, reason: str)
     )
 
 
-def run_dir(cfg: Config, model_version: str) -> Path:
-    return cfg.artifacts_dir / "runs" / model_version
-
-
-def dataset_dir(cfg: Config, dataset_hash: str) -> Path:
-    return cfg.artifacts_dir / "datasets" / dataset_hash
-
-
 def verify_recorded(path: Path, expected: str | None, *, what: str, fix: str) -> Path:
     """``path`` as the step that wrote it recorded it: present and with that sha256. Missing,
     unrecorded or changed is an InputError (exit 2) naming the file and the command that fixes

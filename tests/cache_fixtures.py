@@ -23,7 +23,7 @@ import pytest
 from aiohttp import web
 from PIL import Image
 
-from jobs import db, runs
+from jobs import db, paths, runs
 
 # ---- images ------------------------------------------------------------------------------------
 
@@ -346,7 +346,7 @@ def make_exported_run(cfg: Any, urls: list[str | None], *, version: str | None =
         for i, u in enumerate(urls)
     ]
     dataset_hash = hashlib.sha256(json.dumps(rows).encode()).hexdigest()
-    ddir = runs.dataset_dir(cfg, dataset_hash)
+    ddir = paths.of(cfg).dataset(dataset_hash).root
     ddir.mkdir(parents=True, exist_ok=True)
     parts = {"full": rows} | {
         s: [r for r in rows if r["split"] == s] for s in ("train", "val", "test")

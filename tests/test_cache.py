@@ -21,7 +21,7 @@ from cache_fixtures import (
 )
 from PIL import Image, JpegImagePlugin
 
-from jobs import cache, db, runs
+from jobs import cache, db, paths, runs
 from jobs.errors import InputError
 
 CONTRACT = [
@@ -69,7 +69,7 @@ def good_urls(srv: Server, n: int, prefix: str = "g") -> list[str]:
 
 
 def read_failures(cfg, run) -> dict[int, str]:
-    t = pq.read_table(runs.run_dir(cfg, run.model_version) / "failures.parquet").to_pydict()
+    t = pq.read_table(paths.of(cfg).run(run.model_version).failures).to_pydict()
     return dict(zip(t["snapshot_id"], t["reason"], strict=True))
 
 
@@ -111,12 +111,15 @@ def test_cache_end_to_end(ccfg, server: Server) -> None:
     for url, reason in bad.items():
         assert fails[by_url[url]] == reason, url
     assert fails[len(urls)] == "missing_url"
-    failures = pq.read_table(runs.run_dir(cfg, run.model_version) / "failures.parquet")
+    failures = pq.read_table(paths.of(cfg).run(run.model_version).failures)
     assert set(failures.column_names) == {"snapshot_id", "split", "url", "reason", "attempts"}
     assert "token" not in "".join(failures.column("url").to_pylist())
 
     # Active manifests: the contract columns + the cache's, only the rows that cached, sorted.
-    active = {s: pq.read_table(p) for s, p in cache.active_paths(cfg, run.model_version).items()}
+    active = {
+        s: pq.read_table(p)
+        for s, p in paths.of(cfg).run(run.model_version).active_manifests.items()
+    }
     assert sum(t.num_rows for t in active.values()) == len(good) + 1 + len(odd)
     for t in active.values():
         assert t.column_names == [*CONTRACT, "image_sha256", "image_path", "train_image_path"]
@@ -129,7 +132,7 @@ def test_cache_end_to_end(ccfg, server: Server) -> None:
             assert (cfg.artifacts_dir / orig).is_file() and sha in orig and ".." not in orig
             with Image.open(cfg.artifacts_dir / train) as im:
                 assert im.format == "JPEG" and min(im.size) == min(256, min(im.size))
-    g0 = cfg.artifacts_dir / cache.train_rel(active["train"].column("image_sha256")[0].as_py(), 256)
+    g0 = paths.of(cfg).images.train_copy(active["train"].column("image_sha256")[0].as_py(), 256)
     with Image.open(g0) as im:
         assert im.size == (455, 256)  # 640x360 -> short side 256, aspect kept
         # chroma halved horizontally only (cheaper to decode every epoch, images.encode_jpeg)
@@ -166,14 +169,14 @@ def test_resume_makes_zero_requests(ccfg, server: Server) -> None:
         .column("image_sha256")[0]
         .as_py()
     )
-    (cfg.artifacts_dir / cache.train_rel(sha, 256)).unlink()
+    (paths.of(cfg).images.train_copy(sha, 256)).unlink()
     server.reset()
     run2 = make_exported_run(cfg, urls[::-1] + [None], version="test_v2_resume_2")
     second = cache.run(cfg, run=run2.model_version, env={})
     assert server.total_requests == 0
     assert second["fetch"]["requests"] == 0 and second["fetch"]["from_index"] == 30
     assert second["fetch"]["train_copies_regenerated"] == 1
-    assert (cfg.artifacts_dir / cache.train_rel(sha, 256)).is_file()
+    assert (paths.of(cfg).images.train_copy(sha, 256)).is_file()
     assert second["active_rows"] == 30
 
 
@@ -186,7 +189,7 @@ def test_a_damaged_cached_original_is_fetched_again(ccfg, server: Server) -> Non
     good_bytes = (cfg.artifacts_dir / orig).read_bytes()
     # Damaged on disk, same size (the index's size check passes), training copy lost.
     (cfg.artifacts_dir / orig).write_bytes(b"\0" * len(good_bytes))
-    (cfg.artifacts_dir / cache.train_rel(sha, 256)).unlink()
+    (paths.of(cfg).images.train_copy(sha, 256)).unlink()
     server.reset()
     second = cache.run(
         cfg, run=make_exported_run(cfg, urls, version="test_v2_damaged_2").model_version, env={}
@@ -194,13 +197,13 @@ def test_a_damaged_cached_original_is_fetched_again(ccfg, server: Server) -> Non
     assert second["active_rows"] == 3 and second["failed_rows"] == 0
     assert server.total_requests == 1 and second["fetch"]["fetched"] == 1
     assert (cfg.artifacts_dir / orig).read_bytes() == good_bytes
-    assert (cfg.artifacts_dir / cache.train_rel(sha, 256)).is_file()
+    assert (paths.of(cfg).images.train_copy(sha, 256)).is_file()
 
 
 def active_urls(cfg, run) -> set[str]:
     return {
         u
-        for p in cache.active_paths(cfg, run.model_version).values()
+        for p in paths.of(cfg).run(run.model_version).active_manifests.values()
         for u in pq.read_table(p).column("firebase_url").to_pylist()
     }
 
@@ -310,7 +313,7 @@ def test_a_changed_export_manifest_is_refused_exit_2(ccfg, server: Server) -> No
 
     cfg = ccfg()
     run = make_exported_run(cfg, good_urls(server, 4, prefix="m"))
-    manifest = cache._dataset_dir(cfg, run) / "manifest_train.parquet"
+    manifest = cache._dataset(cfg, run).manifest("train")
     rewrite_one_label(manifest)
     with pytest.raises(InputError, match="manifest_train.parquet changed after the export"):
         cache.run(cfg, run=run.model_version, env={})
@@ -342,20 +345,20 @@ def test_already_cached_is_checked_not_assumed(ccfg, server: Server) -> None:
     urls = good_urls(server, 12, prefix="a") + [server.url("/status/404")]
     run = make_exported_run(cfg, urls)
     first = cache.run(cfg, run=run.model_version, env={})
-    paths = cache.active_paths(cfg, run.model_version)
-    written = {s: p.read_bytes() for s, p in paths.items()}
-    assert set(first["active_files"]) == {p.name for p in paths.values()}
+    active = paths.of(cfg).run(run.model_version).active_manifests
+    written = {s: p.read_bytes() for s, p in active.items()}
+    assert set(first["active_files"]) == {p.name for p in active.values()}
 
-    paths["val"].unlink()
+    active["val"].unlink()
     server.reset()
     again = cache.run(cfg, run=run.model_version, env={})
     assert again["status"] == "cached" and server.total_requests == 0
-    assert paths["val"].read_bytes() == written["val"]
+    assert active["val"].read_bytes() == written["val"]
 
-    rewrite_one_label(paths["train"])  # still a valid Parquet file, one label changed
+    rewrite_one_label(active["train"])  # still a valid Parquet file, one label changed
     again = cache.run(cfg, run=run.model_version, env={})
     assert again["status"] == "cached" and server.total_requests == 0
-    assert {s: p.read_bytes() for s, p in paths.items()} == written
+    assert {s: p.read_bytes() for s, p in active.items()} == written
     assert list(read_failures(cfg, run).values()) == ["http_404"]
     assert cache.run(cfg, run=run.model_version, env={})["status"] == "already_done"
 
@@ -364,7 +367,7 @@ def test_already_cached_is_checked_not_assumed(ccfg, server: Server) -> None:
     for shard in ("0/2", "1/2"):
         cache.run(cfg, run=run2.model_version, shard=shard, env={})
     cache.run(cfg, run=run2.model_version, merge=True, env={})
-    paths2 = cache.active_paths(cfg, run2.model_version)
+    paths2 = paths.of(cfg).run(run2.model_version).active_manifests
     before = paths2["test"].read_bytes()
     rewrite_one_label(paths2["test"])
     server.reset()
@@ -385,7 +388,9 @@ def test_failure_rate_over_the_limit_fails_loudly(ccfg, server: Server) -> None:
         cache.run(cfg, run=run.model_version, env={})
     msg = str(err.value)
     assert "4 of 10 images failed" in msg and "http_404 3" in msg and "not_an_image 1" in msg
-    assert not any(p.exists() for p in cache.active_paths(cfg, run.model_version).values())
+    assert not any(
+        p.exists() for p in paths.of(cfg).run(run.model_version).active_manifests.values()
+    )
     with db.connect(cfg) as conn:
         assert runs.get_run(conn, cfg, run.id).status == "exported"
     assert sorted(read_failures(cfg, run).values()) == ["http_404"] * 3 + ["not_an_image"]
@@ -411,7 +416,9 @@ def test_failure_rate_over_the_limit_from_transient_failures_exits_75(ccfg, serv
     assert "7 of 11 images failed" in msg and "6 of them transient" in msg
     assert "http_503 4" in msg and "timeout 2" in msg
     assert server.hits["/status/503?i=0"] == 2  # retried (max_attempts 2), then given up
-    assert not any(p.exists() for p in cache.active_paths(cfg, run.model_version).values())
+    assert not any(
+        p.exists() for p in paths.of(cfg).run(run.model_version).active_manifests.values()
+    )
     with db.connect(cfg) as conn:
         assert runs.get_run(conn, cfg, run.id).status == "exported"
     assert (

@@ -11,9 +11,8 @@ from browser import inspect_page
 from psycopg import sql
 from train_fixtures import FAST, make_world, run_status
 
-import jobs.evaluate as E
 import jobs.train
-from jobs import db, paths
+from jobs import db, evaluate, paths
 from jobs.errors import InputError, TransientError
 from jobs.runs import table
 
@@ -35,11 +34,11 @@ def test_evaluate_job_end_to_end(make_cfg):
     world = make_world(cfg, n=300)
     version = world["model_version"]
     with pytest.raises(InputError, match="needs 'trained'"):
-        E.run(cfg)
+        evaluate.run(cfg)
     jobs.train.run(cfg)
 
     cmp_cfg = make_cfg(**FAST, evaluate__bootstrap_samples=200, evaluate__compare_to=version)
-    out = E.run(cmp_cfg)
+    out = evaluate.run(cmp_cfg)
     assert out["status"] == "evaluated" and out["n"] == 45
     assert isinstance(out["mae"], float) and out["vs_constant"] in {
         "better",
@@ -81,13 +80,13 @@ def test_evaluate_job_end_to_end(make_cfg):
     )
 
     # a re-run reproduces the same numbers (seeded bootstrap) and upserts the same keys
-    E.run(cmp_cfg)
+    evaluate.run(cmp_cfg)
     assert _db_rows(cfg, version) == rows
     assert json.loads(run_paths.metrics.read_text()) == metrics
 
     # too few test rows for the whole split: insufficient data, not numbers
     strict = make_cfg(**FAST, evaluate__bootstrap_samples=200, evaluate__min_test_rows=1000)
-    out = E.run(strict)
+    out = evaluate.run(strict)
     assert out["mae"] == "insufficient_data" and out["vs_constant"] == "insufficient_data"
     metrics = json.loads(run_paths.metrics.read_text())
     assert metrics["metrics"]["all"]["spearman"] == {
@@ -109,7 +108,7 @@ def test_concurrent_evaluate_exits_saying_so(make_cfg):
     db.migrate(cfg)
     world = make_world(cfg, n=40)
     with db.job_lock(cfg, "evaluate", world["run_id"]):
-        out = E.run(cfg)
+        out = evaluate.run(cfg)
     assert out["status"] == "skipped"
     assert run_status(cfg, world["run_id"])[0] == "cached"
 
@@ -121,7 +120,7 @@ def test_evaluate_whose_lock_was_lost_exits_75_and_writes_no_result(make_cfg, mo
     db.migrate(cfg)
     world = make_world(cfg, n=120)
     jobs.train.run(cfg)
-    real = E.predict_scores
+    real = evaluate.predict_scores
 
     def score_then_lose_the_lock(*args, **kw):
         out = real(*args, **kw)
@@ -135,9 +134,9 @@ def test_evaluate_whose_lock_was_lost_exits_75_and_writes_no_result(make_cfg, mo
                 admin.execute("select pg_terminate_backend(%s)", (pid,))
         return out
 
-    monkeypatch.setattr(E, "predict_scores", score_then_lose_the_lock)
+    monkeypatch.setattr(evaluate, "predict_scores", score_then_lose_the_lock)
     with pytest.raises(TransientError, match="lost the advisory lock") as info:
-        E.run(cfg)
+        evaluate.run(cfg)
     assert info.value.exit_code == 75
     assert run_status(cfg, world["run_id"])[0] == "trained"
     assert _db_rows(cfg, world["model_version"]) == []
@@ -154,20 +153,20 @@ def test_already_evaluated_is_checked_against_its_files_rows_and_inputs(make_cfg
     jobs.train.run(cfg)
     version = world["model_version"]
     run_paths = paths.of(cfg).run(version)
-    first = E.run(cfg)
+    first = evaluate.run(cfg)
     assert first["status"] == "evaluated"
     metrics, report = run_paths.metrics.read_text(), run_paths.report.read_text()
     rows = _db_rows(cfg, version)
 
-    again = E.run(cfg)
+    again = evaluate.run(cfg)
     assert again["status"] == "already_done" and again["mae"] == first["mae"]
 
     run_paths.report.unlink()
-    out = E.run(cfg)
+    out = evaluate.run(cfg)
     assert out["status"] == "evaluated" and run_paths.report.read_text() == report
 
     run_paths.metrics.write_text(metrics.replace('"n": ', '"n": 1'))
-    assert E.run(cfg)["status"] == "evaluated"
+    assert evaluate.run(cfg)["status"] == "evaluated"
     assert run_paths.metrics.read_text() == metrics  # the seeded numbers, rewritten
 
     with db.connect(cfg) as conn:
@@ -177,14 +176,14 @@ def test_already_evaluated_is_checked_against_its_files_rows_and_inputs(make_cfg
             ),
             (version,),
         )
-    assert E.run(cfg)["status"] == "evaluated"
+    assert evaluate.run(cfg)["status"] == "evaluated"
     assert _db_rows(cfg, version) == rows
-    assert E.run(cfg)["status"] == "already_done"
+    assert evaluate.run(cfg)["status"] == "already_done"
 
     # another evaluate setting, or another checkpoint, is another evaluation
     other = make_cfg(**FAST, evaluate__bootstrap_samples=60)
-    assert E.run(other)["status"] == "evaluated"
-    assert E.run(other)["status"] == "already_done"
+    assert evaluate.run(other)["status"] == "evaluated"
+    assert evaluate.run(other)["status"] == "already_done"
     import torch
 
     # a best.pt or an active manifest that is not the file its step recorded is refused,
@@ -193,13 +192,13 @@ def test_already_evaluated_is_checked_against_its_files_rows_and_inputs(make_cfg
     ckpt = torch.load(run_paths.best_checkpoint, weights_only=True)
     torch.save({**ckpt, "note": "another checkpoint"}, run_paths.best_checkpoint)
     with pytest.raises(InputError, match=f"airatings train --run {version}"):
-        E.run(other)
+        evaluate.run(other)
     run_paths.best_checkpoint.write_bytes(best_bytes)
     manifest = run_paths.active_manifest("test")
     original = manifest.read_bytes()
     manifest.write_bytes(original + b"\0")
     with pytest.raises(InputError, match=f"airatings cache --run {version}"):
-        E.run(other)
+        evaluate.run(other)
     manifest.write_bytes(original)
-    assert E.run(other)["status"] == "already_done"
+    assert evaluate.run(other)["status"] == "already_done"
     assert run_status(cfg, world["run_id"])[0] == "evaluated"

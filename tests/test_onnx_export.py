@@ -29,9 +29,8 @@ from PIL import Image
 from psycopg import sql
 from train_fixtures import FAST, make_world, run_status, sky_image, world_rows
 
-import jobs.onnx_export as OE
 import jobs.train
-from jobs import db, paths, runs
+from jobs import db, onnx_export, paths, runs
 from jobs.artifacts import owner_tag
 from jobs.errors import InputError
 from jobs.images import encode_jpeg, load_image, preprocess, resize_short_side
@@ -115,7 +114,7 @@ def _params(cfg, run_id) -> dict:
 def _eager_scorer(cfg, version):
     model, ckpt = model_from_checkpoint(paths.of(cfg).run(version).best_checkpoint)
     spec = ckpt["spec"]
-    return OE.build_scorer(model, spec["target"], SHORT_SIDE, spec["input_size"])
+    return onnx_export.build_scorer(model, spec["target"], SHORT_SIDE, spec["input_size"])
 
 
 def test_export_checks_parity_records_and_redoes_a_tampered_file(trained):
@@ -127,13 +126,13 @@ def test_export_checks_parity_records_and_redoes_a_tampered_file(trained):
     dead.wait()
     stale = run_paths.root / f".tmp-h{owner_tag()}-p{dead.pid}-0123456789ab-model.onnx"
     stale.write_bytes(b"half a model")
-    out = OE.run(cfg, run=version)
+    out = onnx_export.run(cfg, run=version)
     assert not stale.exists()  # swept on the next start
 
     assert out["status"] == "onnx_exported" and run_status(cfg, run_id)[0] == "onnx_exported"
     model = load_checked(run_paths.onnx, expected_sha256=out["onnx_sha256"])
     onnx.checker.check_model(model, full_check=True)
-    assert model.opset_import[0].version == OE.OPSET == out["opset"]
+    assert model.opset_import[0].version == onnx_export.OPSET == out["opset"]
     assert out["io"] == {
         "inputs": [{"name": "image", "dtype": "uint8", "shape": ["batch", "height", "width", 3]}],
         "outputs": [{"name": "raw_score", "dtype": "float32", "shape": ["batch"]}],
@@ -162,13 +161,15 @@ def test_export_checks_parity_records_and_redoes_a_tampered_file(trained):
     parity = out["parity"]
     assert set(parity["batches"]) == {"1", "7", str(n_test)}
     assert parity["batches"]["1"]["n"] == n_test
-    assert all(b["max_abs_delta_raw"] <= OE.TOLERANCE_RAW for b in parity["batches"].values())
+    assert all(
+        b["max_abs_delta_raw"] <= onnx_export.TOLERANCE_RAW for b in parity["batches"].values()
+    )
     assert (
         parity["passed"] and parity["gate"]["identical"] and parity["gate"]["disagreements"] == []
     )
     assert parity["gate"]["golden_images"] == n_test
     doc = json.loads(run_paths.parity.read_text())
-    assert len(doc["parity"]["gate"]["nearest"]) == OE.NEAR_THRESHOLD
+    assert len(doc["parity"]["gate"]["nearest"]) == onnx_export.NEAR_THRESHOLD
     margins = [abs(r["margin"]) for r in doc["parity"]["gate"]["nearest"]]
     assert margins == sorted(margins)
     assert {tuple(r["shape"]) for r in doc["images"]} == {(*ORIGINAL, 3), (*PORTRAIT, 3)}
@@ -196,18 +197,20 @@ def test_export_checks_parity_records_and_redoes_a_tampered_file(trained):
         got = session.run(["raw_score"], {"image": arr[None]})[0]
         with torch.inference_mode():
             want = scorer(torch.from_numpy(arr[None])).numpy()
-        assert got.shape == (1,) and abs(float(got[0]) - float(want[0])) <= OE.TOLERANCE_RAW
+        assert (
+            got.shape == (1,) and abs(float(got[0]) - float(want[0])) <= onnx_export.TOLERANCE_RAW
+        )
     assert len(sizes) == 2
 
     # a re-run finds the work done ...
-    again = OE.run(cfg, run=version)
+    again = onnx_export.run(cfg, run=version)
     assert again["status"] == "already_done" and again["onnx_sha256"] == out["onnx_sha256"]
 
     # ... a changed file is exported again ...
     tampered = onnx.load(run_paths.onnx)
     helper.set_model_props(tampered, {"model_version": "someone_else"})
     onnx.save(tampered, run_paths.onnx)
-    redone = OE.run(cfg, run=version)
+    redone = onnx_export.run(cfg, run=version)
     assert redone["status"] == "onnx_exported"
     assert hashlib.sha256(run_paths.onnx.read_bytes()).hexdigest() == redone["onnx_sha256"]
     meta = {p.key: p.value for p in load_checked(run_paths.onnx).metadata_props}
@@ -215,7 +218,9 @@ def test_export_checks_parity_records_and_redoes_a_tampered_file(trained):
 
     # ... and so is a missing one
     run_paths.onnx.unlink()
-    assert OE.run(cfg, run=version)["status"] == "onnx_exported" and run_paths.onnx.is_file()
+    assert (
+        onnx_export.run(cfg, run=version)["status"] == "onnx_exported" and run_paths.onnx.is_file()
+    )
     assert not list(run_paths.root.glob(".tmp-*"))
 
 
@@ -234,7 +239,7 @@ def test_a_perturbed_graph_fails_the_gate_and_writes_nothing(trained):
                 seen.append(init.name)
 
     with pytest.raises(InputError, match=r"parity gate failed: .* above the tolerance") as err:
-        OE.run(cfg, run=version, graph_hook=perturb)
+        onnx_export.run(cfg, run=version, graph_hook=perturb)
     assert seen, "the head's bias is an initializer of the exported graph"
     assert err.value.exit_code == 2
     assert not run_paths.onnx.exists() and not run_paths.parity.exists()
@@ -243,7 +248,7 @@ def test_a_perturbed_graph_fails_the_gate_and_writes_nothing(trained):
     assert "onnx" not in _params(cfg, run_id)
 
     # the same run without the perturbation passes
-    assert OE.run(cfg, run=version)["status"] == "onnx_exported"
+    assert onnx_export.run(cfg, run=version)["status"] == "onnx_exported"
 
 
 def test_export_needs_an_evaluated_run(trained):
@@ -257,7 +262,7 @@ def test_export_needs_an_evaluated_run(trained):
             (run_id,),
         )
     with pytest.raises(InputError, match="needs 'evaluated'"):
-        OE.run(cfg, run=version)
+        onnx_export.run(cfg, run=version)
     assert not paths.of(cfg).run(version).onnx.exists()
 
 
@@ -274,15 +279,15 @@ class _Chain(torch.nn.Module):
     def forward(self, image):
         x = image.permute(0, 3, 1, 2).float()
         if self.size is not None:
-            return OE.resize_chain(x, self.short_side, self.size)
+            return onnx_export.resize_chain(x, self.short_side, self.size)
         import torch.nn.functional as F
 
-        size = OE.short_side_size(x, self.short_side)
+        size = onnx_export.short_side_size(x, self.short_side)
         return F.interpolate(x, size=size, mode="bilinear", antialias=True)
 
 
 def _export_chain(module, sample) -> ort.InferenceSession:
-    OE.register_symbolics()
+    onnx_export.register_symbolics()
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter's notice
@@ -291,7 +296,7 @@ def _export_chain(module, sample) -> ort.InferenceSession:
             (sample,),
             buf,
             dynamo=False,
-            opset_version=OE.OPSET,
+            opset_version=onnx_export.OPSET,
             input_names=["image"],
             output_names=["out"],
             dynamic_axes={"image": {0: "n", 1: "h", 2: "w"}},
@@ -407,12 +412,12 @@ def test_a_changed_manifest_or_checkpoint_is_refused_before_any_work(trained):
     original = val.read_bytes()
     val.write_bytes(original + b"\0")
     with pytest.raises(InputError, match=r"manifest_val.parquet changed after it was written"):
-        OE.run(cfg, run=version)
+        onnx_export.run(cfg, run=version)
     val.write_bytes(original)
     best = run_paths.best_checkpoint
     best.write_bytes(best.read_bytes() + b"\0")
     with pytest.raises(InputError, match=r"best.pt changed after it was written"):
-        OE.run(cfg, run=version)
+        onnx_export.run(cfg, run=version)
     assert not run_paths.onnx.exists() and run_status(cfg, run_id)[0] == "evaluated"
 
 
@@ -423,20 +428,22 @@ def test_raw_score_per_target_exports_and_maps_to_the_models_score(target):
 
     torch.manual_seed(0)
     net = build_model({"backbone": "mobilenet_v3_small", "target": target, "input_size": 32})
-    scorer = OE.build_scorer(net.eval(), target, 48, 32)
+    scorer = onnx_export.build_scorer(net.eval(), target, 48, 32)
     pics = np.stack([_smooth(60, 80, seed) for seed in range(3)])
     session = ort.InferenceSession(
-        OE.export_graph(scorer, torch.from_numpy(pics[:1])).SerializeToString(),
+        onnx_export.export_graph(scorer, torch.from_numpy(pics[:1])).SerializeToString(),
         providers=["CPUExecutionProvider"],
     )
     got = session.run(["raw_score"], {"image": pics})[0]
     with torch.inference_mode():
-        x = OE.resize_chain(torch.from_numpy(pics).permute(0, 3, 1, 2).float(), 48, 32)
+        x = onnx_export.resize_chain(torch.from_numpy(pics).permute(0, 3, 1, 2).float(), 48, 32)
         outputs = net(x)
         score = scores_from_outputs(outputs, target).numpy()
     assert got.shape == (3,)
     if target == "binary":
-        np.testing.assert_allclose(got, outputs[:, 0].numpy(), atol=OE.TOLERANCE_RAW)
+        np.testing.assert_allclose(got, outputs[:, 0].numpy(), atol=onnx_export.TOLERANCE_RAW)
         np.testing.assert_allclose(5 / (1 + np.exp(-got)), score, atol=1e-4)
     else:
-        np.testing.assert_allclose(got, score, atol=OE.TOLERANCE_RAW)  # the expected rating
+        np.testing.assert_allclose(
+            got, score, atol=onnx_export.TOLERANCE_RAW
+        )  # the expected rating

@@ -13,7 +13,7 @@ import pytest
 from cache_fixtures import Server, jpeg, make_exported_run
 from conftest import AIRATINGS, BASELINE, REPO, air_env
 
-from jobs import cache, db, provenance
+from jobs import cache, db, paths, provenance
 from jobs.errors import InputError
 
 
@@ -50,12 +50,12 @@ def test_cache_marks_each_label_row_used_or_excluded_with_its_reason(pcfg, serve
 
     active = {
         sid
-        for p in cache.active_paths(pcfg, run.model_version).values()
+        for p in paths.of(pcfg).run(run.model_version).active_manifests.values()
         for sid in pq.read_table(p).column("snapshot_id").to_pylist()
     }
     failures = dict(
         zip(
-            *pq.read_table(cache.runs.run_dir(pcfg, run.model_version) / "failures.parquet")
+            *pq.read_table(paths.of(pcfg).run(run.model_version).failures)
             .select(["snapshot_id", "reason"])
             .to_pydict()
             .values(),

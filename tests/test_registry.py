@@ -19,8 +19,8 @@ from psycopg import sql
 from registry_fixtures import registry_for_test, row_of, set_param, shared_exported_world
 
 import jobs.evaluate
-import jobs.register as R
 from jobs import db, paths, registry, runs
+from jobs import register as register_job
 from jobs.artifacts import sha256_file
 from jobs.errors import InputError, TransientError
 
@@ -42,7 +42,7 @@ def reg(pg_server, tmp_path, base, monkeypatch):
 def _registered(reg, *versions):
     for v in versions:
         reg.clone(v)
-        assert R.run(reg.cfg, run=v)["status"] == "registered"
+        assert register_job.run(reg.cfg, run=v)["status"] == "registered"
 
 
 def _history(cfg):
@@ -83,7 +83,7 @@ def test_promote_needs_a_fresh_comparison_then_rollback_goes_back(reg):
     compared = json.loads(paths.of(cfg).run(B).metrics.read_text())["production"]
     assert compared["model_version"] == A
     assert compared["verdict"] == "no detectable difference"  # the same weights
-    out = R.run(cfg, run=B, promote=True)
+    out = register_job.run(cfg, run=B, promote=True)
     assert out["status"] == "already_registered"
     assert out["promotion"]["status"] == "promoted" and out["promotion"]["previous"] == A
     assert out["promotion"]["comparison"]["paired"]["verdict"] == "no detectable difference"
@@ -147,7 +147,7 @@ def test_a_worse_model_is_refused_with_the_comparison_and_force_records_why(reg)
         registry.promote(cfg, B)
     assert str(refused.value) == expected
     with pytest.raises(InputError) as refused:
-        R.run(cfg, run=B, promote=True)
+        register_job.run(cfg, run=B, promote=True)
     assert str(refused.value) == (
         f"{B} is registered (already_registered) but was not promoted: {expected}"
     )
@@ -316,7 +316,7 @@ def test_before_the_registry_migration_every_command_says_to_migrate(make_cfg):
         lambda: registry.promote(cfg, A),
         lambda: registry.rollback(cfg),
         lambda: registry.load_verified(cfg, A),
-        lambda: R.run(cfg, run=A),
+        lambda: register_job.run(cfg, run=A),
     ):
         with pytest.raises(
             InputError, match="registry tables do not exist yet: run 'airatings migrate'"

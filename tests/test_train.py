@@ -21,12 +21,12 @@ from train_fixtures import (
 )
 
 import jobs.train
-from jobs import db
+from jobs import db, paths
 from jobs.errors import InputError
 from jobs.runs import get_run, table
-from jobs.train import data as D
+from jobs.train import data as train_data
 from jobs.train import engine
-from jobs.train import model as M
+from jobs.train import model as train_model
 
 
 class Stop(KeyboardInterrupt):
@@ -77,7 +77,7 @@ def test_trains_resumes_after_kill_and_reproduces_weights(fast_cfg):
     assert trained_at is not None
     assert params["train"]["library_versions"]["torch"] == torch.__version__
     assert params["train"]["best_weights_sha256"] == out["best_weights_sha256"]
-    ckpt = M.load_weights_only(run_dir / "best.pt")
+    ckpt = train_model.load_weights_only(run_dir / "best.pt")
     assert ckpt["dataset_hash"] == world["dataset_hash"] and ckpt["config_hash"] == cfg.config_hash
     assert {"model", "optimizer", "scheduler", "scaler", "epoch", "best_metric"} <= set(ckpt)
 
@@ -88,7 +88,7 @@ def test_trains_resumes_after_kill_and_reproduces_weights(fast_cfg):
     with pytest.raises(Stop):
         jobs.train.run(cfg, run=run_b, epoch_callback=stop_after(1))
     b_dir = cfg.artifacts_dir / "runs" / "test_v2_2026_01_02"
-    assert M.load_weights_only(b_dir / "last.pt")["epoch"] == 1
+    assert train_model.load_weights_only(b_dir / "last.pt")["epoch"] == 1
     assert run_status(cfg, run_b)[0] == "cached"
     seen = []
     resumed = jobs.train.run(cfg, run=run_b, epoch_callback=lambda e, r: seen.append(e))
@@ -106,7 +106,7 @@ def test_resume_refuses_other_dataset_or_config(fast_cfg, make_cfg):
     world = make_world(cfg)
     with pytest.raises(Stop):
         jobs.train.run(cfg, epoch_callback=stop_after(1))
-    last = cfg.artifacts_dir / "runs" / world["model_version"] / "last.pt"
+    last = paths.of(cfg).run(world["model_version"]).last_checkpoint
     before = last.read_bytes()
 
     other_cfg = make_cfg(**{**FAST, "train__lr": 0.01})
@@ -135,8 +135,8 @@ def test_resume_refuses_other_training_rows_of_the_same_dataset(fast_cfg):
     world = make_world(cfg, n=60)
     with pytest.raises(Stop):
         jobs.train.run(cfg, epoch_callback=stop_after(1))
-    last = cfg.artifacts_dir / "runs" / world["model_version"] / "last.pt"
-    assert M.load_weights_only(last)["data_hash"]
+    last = paths.of(cfg).run(world["model_version"]).last_checkpoint
+    assert train_model.load_weights_only(last)["data_hash"]
     before = last.read_bytes()
     recache(cfg, world["run_id"], world["model_version"], world["rows"][5:])
     with pytest.raises(InputError, match="other training rows"):
@@ -153,7 +153,7 @@ def test_a_changed_active_manifest_is_refused_exit_2(fast_cfg):
 
     cfg = fast_cfg
     world = make_world(cfg, n=40)
-    path = cfg.artifacts_dir / "runs" / world["model_version"] / "active" / "manifest_val.parquet"
+    path = paths.of(cfg).run(world["model_version"]).active_manifest("val")
     t = pq.read_table(path)
     labels = t.column("label_value").to_pylist()
     labels[0] = 5.0 - labels[0]
@@ -191,7 +191,7 @@ def test_already_trained_is_checked_not_assumed(fast_cfg):
     cfg = fast_cfg
     world = make_world(cfg, n=40)
     first = jobs.train.run(cfg)
-    best = cfg.artifacts_dir / "runs" / world["model_version"] / "best.pt"
+    best = paths.of(cfg).run(world["model_version"]).best_checkpoint
     assert first["best_checkpoint_sha256"] == sha256_file(best)
     assert jobs.train.run(cfg)["status"] == "already_done"
 
@@ -204,7 +204,7 @@ def test_already_trained_is_checked_not_assumed(fast_cfg):
 
     # changed bytes (a valid checkpoint with other weights), at 'evaluated'
     _set_status(cfg, world["run_id"], "evaluated")
-    ckpt = M.load_weights_only(best)
+    ckpt = train_model.load_weights_only(best)
     name = next(iter(ckpt["model"]))
     ckpt["model"][name] = ckpt["model"][name] + 1
     torch.save(ckpt, best)
@@ -233,7 +233,7 @@ def test_malicious_checkpoint_is_refused(fast_cfg, tmp_path):
     cfg = fast_cfg
     world = make_world(cfg, n=40)
     marker = tmp_path / "pwned"
-    last = cfg.artifacts_dir / "runs" / world["model_version"] / "last.pt"
+    last = paths.of(cfg).run(world["model_version"]).last_checkpoint
     last.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"format": engine.CHECKPOINT_FORMAT, "model": _Evil(marker)}, last)
     with pytest.raises(InputError, match="refusing to load"):
@@ -242,7 +242,7 @@ def test_malicious_checkpoint_is_refused(fast_cfg, tmp_path):
     # and a plain pickle file is refused the same way
     last.write_bytes(pickle.dumps(_Evil(marker)))
     with pytest.raises(InputError, match="refusing to load"):
-        M.load_weights_only(last)
+        train_model.load_weights_only(last)
     assert not marker.exists()
 
 
@@ -260,27 +260,27 @@ def test_other_targets_train(make_cfg, target, metric, extra):
     out = jobs.train.run(cfg)
     assert out["status"] == "trained" and out["metric"] == metric
     assert out["spec"]["target"] == target
-    model, ckpt = M.model_from_checkpoint(
-        cfg.artifacts_dir / "runs" / out["model_version"] / "best.pt"
+    model, ckpt = train_model.model_from_checkpoint(
+        paths.of(cfg).run(out["model_version"]).best_checkpoint
     )
     x = torch.randint(0, 256, (3, 64, 64, 3), dtype=torch.uint8)
     with torch.inference_mode():
         raw = model(x)
-        scores = M.scores_from_outputs(raw, target)
+        scores = train_model.scores_from_outputs(raw, target)
         # float NCHW 0..255 gives the same output as uint8 NHWC
         raw_f = model(x.permute(0, 3, 1, 2).float())
-    assert raw.shape == (3, M.NUM_OUTPUTS[target])
+    assert raw.shape == (3, train_model.NUM_OUTPUTS[target])
     assert torch.allclose(raw, raw_f, atol=1e-5)
     assert bool(((scores >= 0) & (scores <= 5)).all())
 
 
 def test_resnet18_backbone_builds_and_steps(make_cfg):
     spec = {"backbone": "resnet18", "target": "regression", "input_size": 64}
-    model = M.build_model(spec)
+    model = train_model.build_model(spec)
     out = model(torch.zeros(2, 64, 64, 3, dtype=torch.uint8))
     assert out.shape == (2, 1)
-    assert len(M.head_parameters(model)) == 2  # the new Linear's weight and bias
-    assert len(M.backbone_parameters(model)) + 2 == len(list(model.parameters()))
+    assert len(train_model.head_parameters(model)) == 2  # the new Linear's weight and bias
+    assert len(train_model.backbone_parameters(model)) + 2 == len(list(model.parameters()))
 
 
 def test_emd_loss_matches_hand_computed_value():
@@ -297,14 +297,14 @@ def test_emd_loss_matches_hand_computed_value():
 
 
 def test_histogram_smoothing_and_weights():
-    k = D.smoothing_kernel(0.5)
+    k = train_data.smoothing_kernel(0.5)
     assert np.allclose(k.sum(axis=1), 1)
     e2 = math.exp(-2)
     assert k[4, 4] == pytest.approx(1 / (1 + 2 * e2 + math.exp(-8) + math.exp(-18) + math.exp(-32)))
-    assert np.allclose(D.smoothing_kernel(0), np.eye(6))
-    assert np.allclose(D.label_to_bins(3.25), [0, 0, 0, 0.75, 0.25, 0])
-    assert np.allclose(D.label_to_bins(5.0), [0, 0, 0, 0, 0, 1])
-    split = D.Split(
+    assert np.allclose(train_data.smoothing_kernel(0), np.eye(6))
+    assert np.allclose(train_data.label_to_bins(3.25), [0, 0, 0, 0.75, 0.25, 0])
+    assert np.allclose(train_data.label_to_bins(5.0), [0, 0, 0, 0, 0, 1])
+    split = train_data.Split(
         name="train",
         snapshot_id=np.arange(3),
         label=np.array([4.0, 2.5, 1.0]),
@@ -314,14 +314,14 @@ def test_histogram_smoothing_and_weights():
         manual=np.array([False, False, True]),
         image_paths=[],
     )
-    raw = D.distribution_targets(split, 0.0)
+    raw = train_data.distribution_targets(split, 0.0)
     assert np.allclose(raw, [[0, 0, 0, 0, 1, 0], [0, 0, 0.5, 0.5, 0, 0], [0, 1, 0, 0, 0, 0]])
-    smooth = D.distribution_targets(split, 0.5)
+    smooth = train_data.distribution_targets(split, 0.5)
     assert np.allclose(smooth.sum(axis=1), 1) and np.allclose(smooth[0], k[4])
-    w = D.sample_weights(split, split, "sqrt_count")
+    w = train_data.sample_weights(split, split, "sqrt_count")
     assert w.mean() == pytest.approx(1.0, abs=1e-6)
     assert w[1] / w[0] == pytest.approx(2.0)  # 4 raters count twice one rater
-    assert np.all(D.sample_weights(split, split, "none") == 1)
+    assert np.all(train_data.sample_weights(split, split, "none") == 1)
 
 
 def test_empty_or_single_valued_training_data_fails_the_run(fast_cfg):
@@ -336,7 +336,7 @@ def test_empty_or_single_valued_training_data_fails_the_run(fast_cfg):
         jobs.train.run(cfg, run=w1["run_id"])
     status, reason = run_status(cfg, w1["run_id"])
     assert status == "failed" and "empty" in reason
-    assert not (cfg.artifacts_dir / "runs" / "empty_v2_2026_01_01" / "best.pt").exists()
+    assert not (paths.of(cfg).run("empty_v2_2026_01_01").best_checkpoint).exists()
 
     flat = [dict(r, label_value=3.0, is_good=False) for r in rows]
     w2 = make_world(cfg, rows=flat, model_version="flat_v2_2026_01_01")
@@ -353,7 +353,7 @@ def test_non_finite_loss_fails_the_run(make_cfg):
         jobs.train.run(cfg)
     status, reason = run_status(cfg, world["run_id"])
     assert status == "failed" and "loss" in reason
-    assert not (cfg.artifacts_dir / "runs" / world["model_version"] / "best.pt").exists()
+    assert not (paths.of(cfg).run(world["model_version"]).best_checkpoint).exists()
 
 
 def test_missing_imagenet_weights_stop_unless_random_init_allowed(make_cfg, tmp_path, monkeypatch):
@@ -374,7 +374,7 @@ def test_missing_imagenet_weights_stop_unless_random_init_allowed(make_cfg, tmp_
     cfg2 = make_cfg(**{**FAST, "train__weights": "imagenet", "train__weights_path": str(path)})
     with db.connect(cfg) as conn:
         the_run = get_run(conn, cfg, world["run_id"])
-    train = D.load_split(cfg2, the_run, "train")
+    train = train_data.load_split(cfg2, the_run, "train")
     spec = {"backbone": "mobilenet_v3_small", "target": "regression", "input_size": 64}
     model, used = engine.build_model(cfg2, spec, train, resuming=False)
     assert used == f"imagenet:{path}"
@@ -393,7 +393,7 @@ def test_second_concurrent_train_exits_saying_so(fast_cfg):
         out = jobs.train.run(cfg)
     assert out["status"] == "skipped" and "another" in out["reason"]
     assert run_status(cfg, world["run_id"])[0] == "cached"
-    assert not (cfg.artifacts_dir / "runs" / world["model_version"] / "last.pt").exists()
+    assert not (paths.of(cfg).run(world["model_version"]).last_checkpoint).exists()
 
 
 def test_same_seed_same_weights_with_dataloader_workers(make_cfg):
@@ -429,7 +429,7 @@ def test_augmentation_without_jitter_is_the_preprocessing_contract(tmp_path):
     arr[:45] = [250, 120, 40]  # structure, so the mirror differs from the original
     path = tmp_path / "a.jpg"
     Image.fromarray(arr).save(path, quality=95)
-    ds = D.ManifestDataset(
+    ds = train_data.ManifestDataset(
         [path],
         np.zeros(1),
         np.ones(1),
@@ -437,7 +437,7 @@ def test_augmentation_without_jitter_is_the_preprocessing_contract(tmp_path):
         augment=True,
         aug={"min_scale": 1.0, "ratio_jitter": 0.0, "brightness": 0.0, "contrast": 0.0},
     )
-    ref = torch.from_numpy(images.preprocess(D.open_rgb(path), 64).copy()).int()
+    ref = torch.from_numpy(images.preprocess(train_data.open_rgb(path), 64).copy()).int()
     for _ in range(4):
         got = ds[0][0].int()
         assert got.shape == (64, 64, 3) and ds[0][0].dtype == torch.uint8
@@ -454,7 +454,7 @@ def test_brightness_contrast_matches_pil_image_enhance(b, c):
 
     arr = np.random.default_rng(1).integers(30, 200, (48, 80, 3), dtype=np.uint8)
     ref = ImageEnhance.Contrast(ImageEnhance.Brightness(Image.fromarray(arr)).enhance(b)).enhance(c)
-    got = D.brightness_contrast(torch.from_numpy(arr.copy()), b, c)
+    got = train_data.brightness_contrast(torch.from_numpy(arr.copy()), b, c)
     assert got.dtype == torch.uint8 and got.shape == arr.shape
     diff = got.int() - torch.from_numpy(np.array(ref)).int()
     assert int(diff.min()) >= 0 and int(diff.max()) <= 2

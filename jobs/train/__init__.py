@@ -21,7 +21,7 @@ import datetime as dt
 from collections.abc import Callable
 from typing import Any
 
-from jobs import db, logs, runs
+from jobs import db, logs, paths, runs
 from jobs.config import Config
 from jobs.errors import InputError
 
@@ -34,15 +34,15 @@ def run(
 ) -> dict[str, Any]:
     """Train the run; returns the summary. ``epoch_callback(epoch, row)`` runs after each
     completed epoch (its checkpoint is already saved), e.g. to stop a run part-way."""
-    from jobs.train import data as D
+    from jobs.train import data as train_data
     from jobs.train import engine
 
     log = logs.get_logger()
     with runs.claim(cfg, "train", run) as (the_run, skipped):
         if skipped:
             return skipped
-        out_dir = runs.run_dir(cfg, the_run.model_version)
-        best = out_dir / "best.pt"
+        run_paths = paths.of(cfg).run(the_run.model_version)
+        out_dir, best = run_paths.root, run_paths.best_checkpoint
         if the_run.reached("trained"):
             problem = engine.best_checkpoint_problem(cfg, the_run)
             if problem is None:
@@ -69,10 +69,10 @@ def run(
             log.warning("train_redone", best_checkpoint=str(best), problem=problem)
             engine.discard_checkpoints(out_dir)
         runs.require(the_run, "cached")
-        engine.sweep(runs.run_dir(cfg, the_run.model_version))
+        engine.sweep(paths.of(cfg).run(the_run.model_version).root)
         try:
             summary = engine.main(cfg, the_run, epoch_callback=epoch_callback)
-        except D.DataProblem as exc:
+        except train_data.DataProblem as exc:
             with db.connect(cfg, autocommit=True) as conn:
                 runs.mark_failed(conn, cfg, the_run.id, f"train: {exc}")
             log.error("training_failed", error=str(exc), run_marked="failed")

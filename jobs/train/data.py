@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from jobs import images
+from jobs import images, paths
 from jobs.errors import InputError
 
 _LUMA = torch.tensor([0.299, 0.587, 0.114])
@@ -68,7 +68,7 @@ class DataProblem(InputError):
 
 
 def active_dir(cfg: Config, model_version: str) -> Path:
-    return cfg.artifacts_dir / "runs" / model_version / "active"
+    return paths.of(cfg).run(model_version).active_dir
 
 
 def _recache_hint(run: Run) -> str:
@@ -85,7 +85,7 @@ def verify_active_manifest(cfg: Config, run: Run, split: str) -> Path:
     Missing, unrecorded or changed: InputError (exit 2) naming the file and the fix."""
     from jobs.artifacts import sha256_file
 
-    path = active_dir(cfg, run.model_version) / f"manifest_{split}.parquet"
+    path = paths.of(cfg).run(run.model_version).active_manifest(split)
     if not path.is_file():
         raise InputError(
             f"{path} is missing: run 'airatings cache --run {run.model_version}' first"

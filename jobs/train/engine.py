@@ -28,13 +28,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from jobs import paths
 from jobs.artifacts import atomic_path, atomic_write_text, sha256_file
 from jobs.config import Config
 from jobs.errors import ConfigError, InputError
 from jobs.logs import get_logger
-from jobs.runs import Run, run_dir
-from jobs.train import data as D
-from jobs.train import model as M
+from jobs.paths import RunPaths
+from jobs.runs import Run
+from jobs.train import data as train_data
+from jobs.train import model as train_model
 
 CHECKPOINT_FORMAT = "airatings-train-v1"
 HISTORY_COLUMNS = (
@@ -55,7 +57,7 @@ HISTORY_COLUMNS = (
 log = get_logger()
 
 
-class NonFiniteLoss(D.DataProblem):
+class NonFiniteLoss(train_data.DataProblem):
     """The loss became NaN/inf: the run is marked failed."""
 
 
@@ -157,27 +159,27 @@ def weighted_loss(
 
 def build_data(cfg: Config, run: Run, device: torch.device) -> dict[str, Any]:
     t = cfg.train
-    train = D.load_split(cfg, run, "train")
-    val = D.load_split(cfg, run, "val")
-    D.check_trainable(train, val, t.target)
+    train = train_data.load_split(cfg, run, "train")
+    val = train_data.load_split(cfg, run, "val")
+    train_data.check_trainable(train, val, t.target)
     aug = {
         "min_scale": t.aug_min_scale,
         "ratio_jitter": t.aug_ratio_jitter,
         "brightness": t.aug_brightness,
         "contrast": t.aug_contrast,
     }
-    train_ds = D.ManifestDataset(
+    train_ds = train_data.ManifestDataset(
         train.image_paths,
-        D.targets_for(train, t.target, t.hist_smoothing_sigma),
-        D.sample_weights(train, train, t.sample_weighting),
+        train_data.targets_for(train, t.target, t.hist_smoothing_sigma),
+        train_data.sample_weights(train, train, t.sample_weighting),
         t.input_size,
         augment=True,
         aug=aug,
     )
-    val_ds = D.ManifestDataset(
+    val_ds = train_data.ManifestDataset(
         val.image_paths,
-        D.targets_for(val, t.target, t.hist_smoothing_sigma),
-        D.sample_weights(train, val, t.sample_weighting),
+        train_data.targets_for(val, t.target, t.hist_smoothing_sigma),
+        train_data.sample_weights(train, val, t.sample_weighting),
         t.input_size,
     )
     generator = torch.Generator()
@@ -212,14 +214,14 @@ def build_data(cfg: Config, run: Run, device: torch.device) -> dict[str, Any]:
 
 
 def build_model(
-    cfg: Config, spec: dict[str, Any], train: D.Split, *, resuming: bool
+    cfg: Config, spec: dict[str, Any], train: train_data.Split, *, resuming: bool
 ) -> tuple[nn.Module, str]:
     """The network for the config's target; pretrained backbone per ``train.weights``."""
     t = cfg.train
     weights_file = None
     weights_used = "none"
     if t.weights == "imagenet" and not resuming:
-        candidates = M.imagenet_weights_candidates(t.backbone, t.weights_path)
+        candidates = train_model.imagenet_weights_candidates(t.backbone, t.weights_path)
         found = [p for p in candidates if p.is_file()]
         if found:
             weights_file, weights_used = found[0], f"imagenet:{found[0]}"
@@ -238,7 +240,7 @@ def build_model(
             )
     elif resuming:
         weights_used = "resumed"
-    model = M.build_model(spec, state_dict_file=weights_file)
+    model = train_model.build_model(spec, state_dict_file=weights_file)
     # torchvision's MobileNet/EfficientNet use BatchNorm momentum 0.01 (tuned for long ImageNet
     # runs); for a few epochs the running statistics would lag far behind the weights and the
     # validation metric would measure the lag. 0.1 (PyTorch's default) follows within an epoch.
@@ -250,7 +252,7 @@ def build_model(
     return model, weights_used
 
 
-def init_head_bias(model: nn.Module, train: D.Split, cfg: Config) -> None:
+def init_head_bias(model: nn.Module, train: train_data.Split, cfg: Config) -> None:
     """Start the head at the training prior (mean label / positive rate / mean distribution)."""
     head = model.head()
     with torch.no_grad():
@@ -260,12 +262,14 @@ def init_head_bias(model: nn.Module, train: D.Split, cfg: Config) -> None:
             p = float(np.clip(train.is_good.mean(), 1e-3, 1 - 1e-3))
             head.bias.fill_(math.log(p / (1 - p)))
         else:
-            mean = D.distribution_targets(train, cfg.train.hist_smoothing_sigma).mean(axis=0)
+            mean = train_data.distribution_targets(train, cfg.train.hist_smoothing_sigma).mean(
+                axis=0
+            )
             head.bias.copy_(torch.from_numpy(np.log(np.clip(mean, 1e-4, None))).float())
 
 
 def set_frozen(model: nn.Module, frozen: bool) -> None:
-    for p in M.backbone_parameters(model):
+    for p in train_model.backbone_parameters(model):
         p.requires_grad_(not frozen)
 
 
@@ -367,7 +371,7 @@ def evaluate(
     loader: torch.utils.data.DataLoader,
     device: torch.device,
     autocast: Callable[[], Any],
-    split: D.Split,
+    split: train_data.Split,
     target: str,
 ) -> dict[str, float | None]:
     """Validation metrics on 0..5 scores vs ``label_value`` (and AUC vs ``is_good``)."""
@@ -376,7 +380,7 @@ def evaluate(
 
     out, y, w = predict(model, loader, device, autocast)
     loss = float(weighted_loss(out, y, w, target))
-    score = M.scores_from_outputs(out, target).numpy().astype(np.float64)
+    score = train_model.scores_from_outputs(out, target).numpy().astype(np.float64)
     err = score - split.label
     both = split.is_good.any() and not split.is_good.all()
     varied = len(score) > 2 and np.ptp(score) > 0 and np.ptp(split.label) > 0
@@ -393,7 +397,7 @@ def evaluate(
 
 
 def _check_checkpoint(path: Path) -> None:
-    ckpt = M.load_weights_only(path)
+    ckpt = train_model.load_weights_only(path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise InputError(f"{path}: checkpoint did not read back")
 
@@ -406,7 +410,7 @@ def save_checkpoint(ckpt: dict[str, Any], path: Path) -> None:
 def load_resume_checkpoint(
     path: Path, cfg: Config, run: Run, spec: dict[str, Any]
 ) -> dict[str, Any]:
-    ckpt = M.load_weights_only(path, what="checkpoint")
+    ckpt = train_model.load_weights_only(path, what="checkpoint")
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise InputError(f"{path}: not an airatings training checkpoint; delete it to start over")
     if ckpt.get("dataset_hash") != run.dataset_hash:
@@ -428,7 +432,7 @@ def load_resume_checkpoint(
     return ckpt
 
 
-def training_data_hash(*splits: D.Split) -> str:
+def training_data_hash(*splits: train_data.Split) -> str:
     """The rows training actually reads (the *active* manifests: ids, labels, histograms,
     counts and image content names). The run's dataset hash names the export; the active
     rows also depend on which downloads succeeded, and a re-cache can change them."""
@@ -479,12 +483,13 @@ def main(
     """Train ``run`` to its best checkpoint; resumes from ``last.pt``. Returns the summary."""
     t = cfg.train
     started = time.monotonic()
-    out_dir = run_dir(cfg, run.model_version)
+    run_paths = paths.of(cfg).run(run.model_version)
+    out_dir = run_paths.root
     out_dir.mkdir(parents=True, exist_ok=True)
     last_path, best_path, history_path = (
-        out_dir / "last.pt",
-        out_dir / "best.pt",
-        out_dir / "history.csv",
+        run_paths.last_checkpoint,
+        run_paths.best_checkpoint,
+        run_paths.history,
     )
 
     device = decide_device(cfg)
@@ -631,9 +636,9 @@ def main(
             epoch_callback(epoch, row)
 
     if not best_path.exists():
-        raise D.DataProblem(f"no epoch produced a finite {metric_name}; nothing to keep")
-    best_ckpt = M.load_weights_only(best_path)
-    last_ckpt = M.load_weights_only(last_path)
+        raise train_data.DataProblem(f"no epoch produced a finite {metric_name}; nothing to keep")
+    best_ckpt = train_model.load_weights_only(best_path)
+    last_ckpt = train_model.load_weights_only(last_path)
     return {
         # the files' own sha256: what a re-run checks before it trusts "already trained"
         "best_checkpoint_sha256": sha256_file(best_path),
@@ -653,8 +658,8 @@ def main(
         "early_stopped": bool(last_ckpt["stopped"]),
         "resumed_from_epoch": (resume["epoch"] if resume is not None else None),
         "weights": weights_used,
-        "best_weights_sha256": M.state_dict_sha256(best_ckpt["model"]),
-        "last_weights_sha256": M.state_dict_sha256(last_ckpt["model"]),
+        "best_weights_sha256": train_model.state_dict_sha256(best_ckpt["model"]),
+        "last_weights_sha256": train_model.state_dict_sha256(last_ckpt["model"]),
         "device": str(device),
         "amp": use_amp,
         "threads": torch.get_num_threads(),
@@ -674,7 +679,7 @@ def best_checkpoint_problem(cfg: Config, run: Run) -> str | None:
     """Why the run's ``best.pt`` cannot be trusted as the trained result, or None if it is the
     file the train step recorded: its sha256 (``best_checkpoint_sha256``), or for runs trained
     before that was recorded, the weights hash (``best_weights_sha256``)."""
-    best = run_dir(cfg, run.model_version) / "best.pt"
+    best = paths.of(cfg).run(run.model_version).best_checkpoint
     recorded = run.params.get("train") or {}
     if not best.is_file():
         return "is missing"
@@ -688,7 +693,7 @@ def best_checkpoint_problem(cfg: Config, run: Run) -> str | None:
         return None
     if recorded.get("best_weights_sha256"):
         try:
-            weights = M.state_dict_sha256(M.load_weights_only(best)["model"])
+            weights = train_model.state_dict_sha256(train_model.load_weights_only(best)["model"])
         except (InputError, KeyError, TypeError) as exc:
             return f"does not load ({exc})"
         if weights != recorded["best_weights_sha256"]:
@@ -699,9 +704,10 @@ def best_checkpoint_problem(cfg: Config, run: Run) -> str | None:
 
 def discard_checkpoints(out_dir: Path) -> None:
     """Before retraining from scratch: a ``last.pt`` would resume a run whose best is lost."""
-    for name in ("best.pt", "last.pt"):
+    run_paths = RunPaths(out_dir)
+    for path in (run_paths.best_checkpoint, run_paths.last_checkpoint):
         with contextlib.suppress(FileNotFoundError):
-            (out_dir / name).unlink()
+            path.unlink()
 
 
 def sweep(out_dir: Path) -> None:
