@@ -216,17 +216,8 @@ def run(cfg: Config, run: str | int = "latest") -> dict[str, Any]:
             return skipped
         runs.require(the_run, "trained")
         run_paths = paths.of(cfg).run(the_run.model_version)
-        best = run_paths.best_checkpoint
         version = the_run.model_version
-        trained = the_run.params.get("train") or {}
-        if "best_checkpoint_sha256" in trained or not best.is_file():
-            runs.verify_recorded(
-                best,
-                trained.get("best_checkpoint_sha256"),
-                what="best checkpoint",
-                fix=f"run 'airatings train --run {version}' (it retrains when best.pt is not "
-                "the recorded file)",
-            )
+        best = runs.verified_best_checkpoint(cfg, the_run)
         recorded_active = (the_run.params.get("cache") or {}).get("active_files") or {}
         for split in (SPLIT, "train"):
             manifest = run_paths.active_manifest(split)

@@ -534,16 +534,9 @@ def run(
         runs.require(the_run, "evaluated")
         run_paths = paths.of(cfg).run(the_run.model_version)
         sweep_temp(run_paths.root, recursive=False)
-        best = run_paths.best_checkpoint
-        trained = the_run.params.get("train") or {}
-        if "best_checkpoint_sha256" in trained or not best.is_file():
-            runs.verify_recorded(
-                best,
-                trained.get("best_checkpoint_sha256"),
-                what="best checkpoint",
-                fix=f"run 'airatings train --run {the_run.model_version}' (it retrains when "
-                "best.pt is not the recorded file), then evaluate and export-onnx again",
-            )
+        best = runs.verified_best_checkpoint(
+            cfg, the_run, then=", then evaluate and export-onnx again"
+        )
         ckpt_sha = sha256_file(best)
         manifests = {s: verified_manifest(cfg, the_run, s) for s in ("val", "test")}
         short_side = int(

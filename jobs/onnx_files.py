@@ -93,3 +93,21 @@ def load_checked(path: str | Path, *, expected_sha256: str | None = None) -> onn
     if external:
         onnx.load_external_data_for_model(model, str(folder))
     return model
+
+
+def self_contained(data: bytes, label: str | Path) -> onnx.ModelProto:
+    """An ONNX model from ``data`` that keeps every tensor inside itself (a registered model is
+    one file); InputError naming ``label`` otherwise, or when it is not ONNX at all."""
+    import onnx
+
+    try:
+        model = onnx.load_from_string(data)
+    except Exception as exc:  # protobuf's DecodeError: not ONNX
+        raise InputError(f"{label}: not a readable ONNX model ({type(exc).__name__})") from None
+    external = external_tensors(model)
+    if external:
+        raise InputError(
+            f"{label}: tensors {external[:5]} keep their data outside the file; a registered "
+            "model is one self-contained file"
+        )
+    return model

@@ -298,16 +298,7 @@ def _verified_model_bytes(path: Path, expected: str, v: str) -> bytes:
             f"{path}: sha256 {actual} is not the {expected} export-onnx recorded; refusing to "
             f"register it (re-run 'airatings export-onnx --run {v}')"
         )
-    try:
-        model = onnx.load_from_string(data)
-    except Exception as exc:  # protobuf's DecodeError: not ONNX
-        raise InputError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from None
-    external = onnx_files.external_tensors(model)
-    if external:
-        raise InputError(
-            f"{path}: tensors {external[:5]} keep their data outside the file; only "
-            f"self-contained models are registered"
-        )
+    model = onnx_files.self_contained(data, path)
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:

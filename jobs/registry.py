@@ -163,7 +163,6 @@ def read_verified(cfg: Config, version: str) -> tuple[bytes, dict[str, Any]]:
     """``(model.onnx bytes, card)`` of a registered version, checked (module doc): the bytes
     returned are the ones hashed, so a scorer that builds its session from them cannot load a
     file swapped after the check. InputError (exit 2) on any mismatch."""
-    import onnx
 
     with db.connect(cfg, autocommit=True) as conn:
         _require_registry(conn, cfg)
@@ -203,16 +202,7 @@ def read_verified(cfg: Config, version: str) -> tuple[bytes, dict[str, Any]]:
             f"{model_paths.onnx}: sha256 {actual} does not match the registered {db_sha} "
             f"(model card and database); refusing to load {v}"
         )
-    try:
-        model = onnx.load_from_string(data)
-    except Exception as exc:  # protobuf's DecodeError: not ONNX (cannot pass the sha check)
-        raise InputError(f"{model_paths.onnx}: not a readable ONNX model ({exc})") from None
-    external = onnx_files.external_tensors(model)
-    if external:
-        raise InputError(
-            f"{model_paths.onnx}: tensors {external[:5]} keep their data outside the file; a "
-            f"registered model is one file, refusing to load {v}"
-        )
+    onnx_files.self_contained(data, model_paths.onnx)
     return data, card
 
 

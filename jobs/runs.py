@@ -177,3 +177,21 @@ def verify_recorded(path: Path, expected: str | None, *, what: str, fix: str) ->
             f"{expected[:16]}... for the {what}); refusing to read it. {fix}"
         )
     return path
+
+
+def verified_best_checkpoint(cfg: Config, run: Run, *, then: str = "") -> Path:
+    """The run's ``best.pt``, checked against the sha256 the train step recorded (runs trained
+    before that was recorded are taken as they are). ``then``: what to run after retraining."""
+    from jobs import paths
+
+    best = paths.of(cfg).run(run.model_version).best_checkpoint
+    trained = run.params.get("train") or {}
+    if "best_checkpoint_sha256" in trained or not best.is_file():
+        verify_recorded(
+            best,
+            trained.get("best_checkpoint_sha256"),
+            what="best checkpoint",
+            fix=f"run 'airatings train --run {run.model_version}' (it retrains when best.pt is "
+            f"not the recorded file){then}",
+        )
+    return best
