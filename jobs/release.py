@@ -196,11 +196,11 @@ def run(
         "labels": (final.params.get("cache") or {}).get("labels"),
         "headline": evaluated.get("headline"),
         "report": evaluated.get("report"),
-        "parity": onnx.get("parity"),
-        "calibration": onnx.get("calibration"),
+        "parity": _parity_brief(onnx.get("parity")),
+        "calibration": _calibration_brief(onnx.get("calibration")),
         "model_dir": registered.get("model_dir"),
         "release_env": registered.get("release_env"),
-        "promotion": registered.get("promotion"),
+        "promotion": _promotion_brief(registered.get("promotion")),
         "steps": {name: _brief(out) for name, out in steps.items()},
         "seconds": round(time.monotonic() - started, 2),
     }
@@ -209,6 +209,35 @@ def run(
 def _brief(out: dict[str, Any]) -> dict[str, Any]:
     """A step's status and time for the release summary (the full summaries are logged)."""
     return {"status": out.get("status"), "seconds": out.get("seconds")}
+
+
+def _parity_brief(parity: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not parity:
+        return None
+    gate = parity.get("gate") or {}
+    return {
+        "passed": parity.get("passed"),
+        "max_abs_delta_raw": parity.get("max_abs_delta_raw"),
+        "tolerance": parity.get("tolerance"),
+        "gate_identical": gate.get("identical"),
+        "golden_images": gate.get("golden_images"),
+    }
+
+
+def _calibration_brief(calibration: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not calibration:
+        return None
+    return {
+        "method": calibration.get("method"),
+        "knots": len(calibration.get("x") or []),
+        "fitted_on": calibration.get("n"),
+    }
+
+
+def _promotion_brief(promotion: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not promotion:
+        return None
+    return {k: promotion.get(k) for k in ("status", "alias", "previous", "forced", "reason")}
 
 
 def demo(cfg: Config, promote: bool = True) -> dict[str, Any]:
