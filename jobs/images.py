@@ -103,9 +103,12 @@ def jpeg_size(path: str | os.PathLike) -> tuple[int, int] | None:
 
 
 def _draft_target(size: tuple[int, int], short_side: int) -> tuple[int, int]:
+    """(w, h) scaled so the shorter side is ``short_side``, in exact integer arithmetic (the
+    ONNX graph computes ``w * short_side // min(w, h)`` the same way; a float product gave
+    255 for 322x572)."""
     w, h = size
-    scale = short_side / min(w, h)
-    return max(1, int(w * scale)), max(1, int(h * scale))
+    m = min(w, h)
+    return max(1, w * short_side // m), max(1, h * short_side // m)
 
 
 _GREY_WIDE = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")

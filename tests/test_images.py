@@ -303,3 +303,17 @@ def test_jpeg_size_reads_the_frame_header(tmp_path: Path) -> None:
     assert jpeg_size(tmp_path / "junk.jpg") is None
     (tmp_path / "png.jpg").write_bytes(encode(gradient(8, 8), "PNG"))
     assert jpeg_size(tmp_path / "png.jpg") is None
+
+
+def test_short_side_resize_lands_exactly_on_the_short_side():
+    """Float rounding made a 322x572 picture 255 px short instead of 256; the ONNX graph's
+    integer arithmetic gives 256, and the training copy must agree with it."""
+    from PIL import Image
+
+    from jobs.images import resize_short_side
+
+    for size in [(322, 572), (572, 322), (640, 360), (1280, 719), (333, 999)]:
+        out = resize_short_side(Image.new("RGB", size), 256)
+        w, h = size
+        assert min(out.size) == 256, (size, out.size)
+        assert out.size == (w * 256 // min(w, h), h * 256 // min(w, h))
