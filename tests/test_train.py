@@ -361,8 +361,9 @@ def test_missing_imagenet_weights_stop_unless_random_init_allowed(make_cfg, tmp_
     cfg = make_cfg(**{**FAST, "train__weights": "imagenet"})
     db.migrate(cfg)
     world = make_world(cfg, n=40)
-    with pytest.raises(InputError, match=r"mobilenet_v3_small-047dcff4\.pth"):
+    with pytest.raises(InputError, match=r"mobilenet_v3_small-047dcff4\.pth") as info:
         jobs.train.run(cfg)
+    assert "airatings weights pull mobilenet_v3_small" in str(info.value)
     assert run_status(cfg, world["run_id"])[0] == "cached"  # fixable: not marked failed
 
     # a local weights file (here: torchvision's architecture with its own init) is loaded

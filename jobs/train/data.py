@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -363,12 +363,3 @@ class ManifestDataset(torch.utils.data.Dataset):
             self.targets[i],
             self.weights[i],
         )
-
-
-def describe(split: Split) -> dict[str, Any]:
-    n = len(split)
-    return {
-        "rows": n,
-        "label_mean": round(float(split.label.mean()), 4) if n else None,
-        "good_rate": round(float(split.is_good.mean()), 4) if n else None,
-    }

@@ -235,8 +235,10 @@ def build_model(
         else:
             raise InputError(
                 f"ImageNet weights for {t.backbone} not found at {', '.join(str(p) for p in candidates)} "
-                f"(no downloads: put the file there or set train.weights_path; or set "
-                f"train.weights: none / train.allow_random_init: true to start from random weights)"
+                f"(training downloads nothing: run 'airatings weights pull {t.backbone}' to fetch "
+                f"torchvision's, hash-checked, or put the file there or set train.weights_path; "
+                f"or set train.weights: none / train.allow_random_init: true to start from random "
+                f"weights)"
             )
     elif resuming:
         weights_used = "resumed"
