@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 from conftest import DEMO
 from train_fixtures import FAST
 
-from jobs import db, dbt_runner, provenance, release
+from jobs import db, dbt_runner, paths, provenance, release
 
 # What each planted fault must look like in failures.parquet.
 EXPECTED_REASON = {
@@ -49,8 +49,8 @@ def test_demo_lifecycle_on_a_small_world(make_cfg):
         r["snapshot_id"]: r["fault"]
         for r in pq.read_table(cfg.data_dir / "demo-truth.parquet").to_pylist()
     }
-    run_dir = cfg.artifacts_dir / "runs" / version
-    failures = pq.read_table(run_dir / "failures.parquet").to_pylist()
+    run_paths = paths.of(cfg).run(version)
+    failures = pq.read_table(run_paths.failures).to_pylist()
     assert failures, "the demo world plants image faults; some must reach the cache"
     for f in failures:
         assert EXPECTED_REASON.get(truth[f["snapshot_id"]]) == f["reason"], f
@@ -66,8 +66,7 @@ def test_demo_lifecycle_on_a_small_world(make_cfg):
 
     # The active manifests hold exactly the exported rows minus the failures.
     active = sum(
-        pq.read_table(run_dir / "active" / f"manifest_{s}.parquet").num_rows
-        for s in ("train", "val", "test")
+        pq.read_table(run_paths.active_manifest(s)).num_rows for s in ("train", "val", "test")
     )
     assert active == len(exported) - len(failures)
 
@@ -131,9 +130,7 @@ def test_demo_lifecycle_on_a_small_world(make_cfg):
     active_ids = {
         sid
         for s in ("train", "val", "test")
-        for sid in pq.read_table(run_dir / "active" / f"manifest_{s}.parquet")
-        .column("snapshot_id")
-        .to_pylist()
+        for sid in pq.read_table(run_paths.active_manifest(s)).column("snapshot_id").to_pylist()
     }
     assert used_ids == active_ids
     # `airatings dbt test` passes on the demo world (the demo builds the whole project).

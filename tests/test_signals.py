@@ -12,7 +12,7 @@ import time
 from conftest import AIRATINGS, air_env
 from train_fixtures import FAST, make_world, run_status
 
-from jobs import db
+from jobs import db, paths
 
 
 def _env(cfg, overrides: dict) -> dict[str, str]:
@@ -51,9 +51,9 @@ def test_sigterm_during_training_exits_75_cleanly_and_rerun_resumes(make_cfg):
     assert code == 75, out
     assert "received signal" in json.loads(out)["error"]
 
-    run_dir = cfg.artifacts_dir / "runs" / world["model_version"]
+    run_dir = paths.of(cfg).run(world["model_version"]).root
     assert not [p for p in run_dir.rglob(".tmp-*")], "temp files left behind"
-    assert (run_dir / "last.pt").exists()
+    assert paths.of(cfg).run(world["model_version"]).last_checkpoint.exists()
     # a transient stop does not fail the run
     assert run_status(cfg, world["run_id"]) == ("cached", None)
 
@@ -102,8 +102,7 @@ def test_sigterm_during_cache_exits_75_and_leaves_only_complete_files(make_cfg, 
     for p in stored:
         with Image.open(p) as im:
             im.load()
-    run_dir = art / "runs" / run.model_version
-    assert not (run_dir / "active").exists()
+    assert not paths.Paths(art, art).run(run.model_version).active_dir.exists()
     with db.connect(cfg) as conn:
         status = conn.execute(
             "select status from airatings.model_training_runs where id = %s", (run.id,)

@@ -59,10 +59,12 @@ def test_trains_resumes_after_kill_and_reproduces_weights(fast_cfg):
     out = jobs.train.run(cfg, run=world["run_id"])
 
     assert out["status"] == "trained" and out["epochs_run"] == 2 and out["metric"] == "val_mae"
-    run_dir = cfg.artifacts_dir / "runs" / "test_v2_2026_01_01"
-    for name in ("best.pt", "last.pt", "history.csv", "config.yaml"):
-        assert (run_dir / name).is_file(), name
-    hist = _history(run_dir / "history.csv")
+    run_paths = paths.of(cfg).run("test_v2_2026_01_01")
+    run_dir = run_paths.root
+    for path in (run_paths.best_checkpoint, run_paths.last_checkpoint, run_paths.history):
+        assert path.is_file(), path
+    assert (run_dir / "config.yaml").is_file()
+    hist = _history(run_paths.history)
     assert [int(r["epoch"]) for r in hist] == [1, 2]
     assert float(hist[1]["train_loss"]) < float(hist[0]["train_loss"])  # the loss falls
     assert all(float(r["img_per_s"]) > 0 and r["val_mae"] for r in hist)
@@ -77,7 +79,7 @@ def test_trains_resumes_after_kill_and_reproduces_weights(fast_cfg):
     assert trained_at is not None
     assert params["train"]["library_versions"]["torch"] == torch.__version__
     assert params["train"]["best_weights_sha256"] == out["best_weights_sha256"]
-    ckpt = train_model.load_weights_only(run_dir / "best.pt")
+    ckpt = train_model.load_weights_only(run_paths.best_checkpoint)
     assert ckpt["dataset_hash"] == world["dataset_hash"] and ckpt["config_hash"] == cfg.config_hash
     assert {"model", "optimizer", "scheduler", "scaler", "epoch", "best_metric"} <= set(ckpt)
 
@@ -87,8 +89,9 @@ def test_trains_resumes_after_kill_and_reproduces_weights(fast_cfg):
     run_b = insert_run(cfg, "test_v2_2026_01_02", world["dataset_hash"])
     with pytest.raises(Stop):
         jobs.train.run(cfg, run=run_b, epoch_callback=stop_after(1))
-    b_dir = cfg.artifacts_dir / "runs" / "test_v2_2026_01_02"
-    assert train_model.load_weights_only(b_dir / "last.pt")["epoch"] == 1
+    b_paths = paths.of(cfg).run("test_v2_2026_01_02")
+    b_dir = b_paths.root
+    assert train_model.load_weights_only(b_paths.last_checkpoint)["epoch"] == 1
     assert run_status(cfg, run_b)[0] == "cached"
     seen = []
     resumed = jobs.train.run(cfg, run=run_b, epoch_callback=lambda e, r: seen.append(e))
@@ -164,7 +167,7 @@ def test_a_changed_active_manifest_is_refused_exit_2(fast_cfg):
     assert err.value.exit_code == 2 and str(path) in str(err.value)
     assert "airatings cache --run" in str(err.value)
     assert run_status(cfg, world["run_id"])[0] == "cached"  # fixable: not marked failed
-    assert not (path.parent.parent / "last.pt").exists()
+    assert not paths.of(cfg).run(world["model_version"]).last_checkpoint.exists()
 
     unrecorded = insert_run(cfg, "test_v2_unrecorded", world["dataset_hash"])  # no manifests
     write_manifests(cfg, "test_v2_unrecorded", world["rows"])  # written after the record

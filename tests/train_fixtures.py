@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from jobs import db
+from jobs import db, paths
 from jobs.config import Config
 from jobs.manifests import ACTIVE_SCHEMA
 from jobs.runs import table
@@ -97,7 +97,7 @@ def write_images(cfg: Config, rows: list[dict[str, Any]], seed: int = 0, size: i
 
 
 def write_manifests(cfg: Config, model_version: str, rows: list[dict[str, Any]]) -> Path:
-    active = cfg.artifacts_dir / "runs" / model_version / "active"
+    active = paths.of(cfg).run(model_version).active_dir
     active.mkdir(parents=True, exist_ok=True)
     for split in ("train", "val", "test"):
         part = sorted((r for r in rows if r["split"] == split), key=lambda r: r["snapshot_id"])
@@ -110,7 +110,7 @@ def active_files(cfg: Config, model_version: str) -> dict[str, dict[str, Any]]:
     """What the cache step records of the active manifests it wrote: rows and sha256."""
     from jobs.artifacts import sha256_file
 
-    active = cfg.artifacts_dir / "runs" / model_version / "active"
+    active = paths.of(cfg).run(model_version).active_dir
     return {
         p.name: {"rows": pq.read_metadata(p).num_rows, "sha256": sha256_file(p)}
         for p in sorted(active.glob("manifest_*.parquet"))
