@@ -1,4 +1,4 @@
-"""`airatings db ...` and `airatings models`: small read/admin commands over jobs.db."""
+"""`airatings db ...`: the embedded server and what the database in use holds (over jobs.db)."""
 
 from __future__ import annotations
 
