@@ -521,8 +521,8 @@ NUMERIC_FORMS = [
 ]
 
 
-@pytest.mark.parametrize("host", NUMERIC_FORMS)
-def test_canonical_host_reads_numbers_as_inet_aton_does(host: str) -> None:
+def _both_readings(host: str) -> tuple[object, object]:
+    """(the C library's inet_aton reading or None, canonical_host's reading or None)."""
     try:
         system = ipaddress.IPv4Address(socket.inet_aton(host))
     except OSError:
@@ -531,6 +531,12 @@ def test_canonical_host_reads_numbers_as_inet_aton_does(host: str) -> None:
         ours = canonical_host(host)
     except ValueError:
         ours = None
+    return system, ours
+
+
+@pytest.mark.parametrize("host", NUMERIC_FORMS)
+def test_canonical_host_reads_numbers_as_inet_aton_does(host: str) -> None:
+    system, ours = _both_readings(host)
     if system is None and isinstance(ours, str):
         ours = None  # a name ("0x1g"): the resolver's to check, not an address
     assert ours == system
@@ -544,14 +550,7 @@ def test_canonical_host_agrees_with_inet_aton_on_generated_spellings(
     numbers: list[int], formats: list[str]
 ) -> None:
     host = ".".join(f.format(n) for f, n in zip(formats, numbers, strict=False))
-    try:
-        system = ipaddress.IPv4Address(socket.inet_aton(host))
-    except OSError:
-        system = None
-    try:
-        ours = canonical_host(host)
-    except ValueError:
-        ours = None
+    system, ours = _both_readings(host)
     assert ours == system, host
 
 
