@@ -81,7 +81,7 @@ def main() -> None:
     from jobs import onnx_export
     from jobs.images import preprocess, resize_short_side
     from jobs.resources import available_cpus
-    from jobs.train.model import build_model
+    from jobs.train.model import build_model, raw_scores_from_outputs
 
     threads = args.threads or available_cpus()
     torch.set_num_threads(threads)
@@ -98,7 +98,7 @@ def main() -> None:
             self.model = model
 
         def forward(self, image):
-            return onnx_export.raw_score_from(self.model(image), target)
+            return raw_scores_from_outputs(self.model(image), target)
 
     fixed = Fixed(net).eval()
     originals = make_originals(max(args.images, 32), args.width, args.height)

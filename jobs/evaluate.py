@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from jobs import db, logs, metrics, paths, report, runs
+from jobs import calibration, db, logs, metrics, paths, report, runs
 from jobs.artifacts import atomic_write_text, sha256_file
 from jobs.errors import InputError
 from jobs.metrics import INSUFFICIENT, OK
@@ -53,10 +53,12 @@ SPLIT = "test"
 # ---- prediction --------------------------------------------------------------------------
 
 
-def predict_scores(
+def predict(
     cfg: Config, ckpt_path: Path, image_paths: list[Path], *, batch_size: int
-) -> np.ndarray:
-    """0..5 scores of a checkpoint on images (preprocess contract, CPU or CUDA)."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(raw_score, score)`` of a checkpoint on images (preprocess contract, CPU or CUDA):
+    the network's ``raw_score`` (``jobs.train.model.raw_scores_from_outputs``: what the ONNX
+    graph outputs and the calibration maps) and its own 0..5 score (``SCORE_MAPPING``)."""
     import torch
     from PIL import Image
 
@@ -71,7 +73,7 @@ def predict_scores(
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     model.to(device, memory_format=torch.channels_last)
-    scores = []
+    raws, scores = [], []
     with torch.inference_mode():
         for start in range(0, len(image_paths), batch_size):
             batch = []
@@ -85,11 +87,22 @@ def predict_scores(
                         f"cached image {p} cannot be read ({exc}); re-run 'airatings cache'"
                     ) from None
             x = torch.from_numpy(np.stack(batch)).to(device)
-            outputs = model(x)
-            scores.append(
-                train_model.scores_from_outputs(outputs, spec["target"]).float().cpu().numpy()
-            )
-    return np.concatenate(scores).astype(np.float64) if scores else np.zeros(0)
+            outputs = model(x).float()
+            raws.append(train_model.raw_scores_from_outputs(outputs, spec["target"]).cpu().numpy())
+            scores.append(train_model.scores_from_outputs(outputs, spec["target"]).cpu().numpy())
+    if not scores:
+        return np.zeros(0), np.zeros(0)
+    return (
+        np.concatenate(raws).astype(np.float64),
+        np.concatenate(scores).astype(np.float64),
+    )
+
+
+def predict_scores(
+    cfg: Config, ckpt_path: Path, image_paths: list[Path], *, batch_size: int
+) -> np.ndarray:
+    """The 0..5 scores of :func:`predict` (what the baselines compare)."""
+    return predict(cfg, ckpt_path, image_paths, batch_size=batch_size)[1]
 
 
 # ---- comparisons ---------------------------------------------------------------------------
@@ -136,12 +149,15 @@ def production_version(cfg: Config, conn: psycopg.Connection) -> tuple[str | Non
 
 # Bump when the evaluation itself changes (metrics, report): older results are then redone.
 # 2: intervals from scipy.stats.bootstrap, report from the Jinja2 templates.
-EVALUATION_FORMAT = 2
+# 3: the calibration is fitted here (val split); the capture gate measured on aiRating.
+EVALUATION_FORMAT = 3
 
 
-def evaluation_key(cfg: Config, the_run: runs.Run, best: Path, test_path: Path) -> str:
+def evaluation_key(
+    cfg: Config, the_run: runs.Run, best: Path, test_path: Path, val_path: Path
+) -> str:
     """sha256 of everything an evaluation's numbers depend on: the evaluate config and the
-    good threshold, the checkpoint's and the test manifest's bytes, the dataset, the compared
+    good threshold, the checkpoint's and the test and val manifests' bytes, the dataset, the compared
     run's checkpoint and the production version."""
     parts: dict[str, Any] = {
         "format": EVALUATION_FORMAT,
@@ -150,6 +166,8 @@ def evaluation_key(cfg: Config, the_run: runs.Run, best: Path, test_path: Path) 
         "dataset_hash": the_run.dataset_hash,
         "checkpoint_sha256": sha256_file(best),
         "test_manifest_sha256": sha256_file(test_path),
+        # the calibration is fitted on the validation split
+        "val_manifest_sha256": sha256_file(val_path),
     }
     with db.connect(cfg, autocommit=True) as conn:
         if cfg.evaluate.compare_to:
@@ -219,7 +237,7 @@ def run(cfg: Config, run: str | int = "latest") -> dict[str, Any]:
         version = the_run.model_version
         best = runs.verified_best_checkpoint(cfg, the_run)
         recorded_active = (the_run.params.get("cache") or {}).get("active_files") or {}
-        for split in (SPLIT, "train"):
+        for split in (SPLIT, "val", "train"):
             manifest = run_paths.active_manifest(split)
             runs.verify_recorded(
                 manifest,
@@ -235,7 +253,7 @@ def run(cfg: Config, run: str | int = "latest") -> dict[str, Any]:
             )
         target = ckpt["spec"]["target"]
         test_path = run_paths.active_manifest(SPLIT)
-        key = evaluation_key(cfg, the_run, best, test_path)
+        key = evaluation_key(cfg, the_run, best, test_path, run_paths.active_manifest("val"))
         done, why = already_evaluated(cfg, the_run, run_paths, key)
         if done is not None:
             log.info("evaluate_already_done", report=done.get("report_html"))
@@ -247,8 +265,23 @@ def run(cfg: Config, run: str | int = "latest") -> dict[str, Any]:
         image_paths = [cfg.artifacts_dir / p for p in test_table["train_image_path"]]
         n = len(y)
         threshold = cfg.dataset.good_threshold
-        s = predict_scores(cfg, best, image_paths, batch_size=settings.batch_size)
+        raw, s = predict(cfg, best, image_paths, batch_size=settings.batch_size)
         log.info("test_split_scored", rows=n, target=target)
+        # the calibration (raw_score -> the app's 0..5 aiRating) is fitted here, on the
+        # validation split, so the report shows it before/after and the capture gate is
+        # measured on the calibrated score; export-onnx and register reuse these knots
+        val_table = pq.read_table(
+            run_paths.active_manifest("val"), columns=["label_value", "train_image_path"]
+        ).to_pydict()
+        val_raw, _ = predict(
+            cfg,
+            best,
+            [cfg.artifacts_dir / p for p in val_table["train_image_path"]],
+            batch_size=settings.batch_size,
+        )
+        knots = calibration.fit(val_raw, val_table["label_value"], target=target)
+        ai = calibration.apply(knots, raw) if n else np.zeros(0)
+        log.info("calibration_fitted", method=knots["method"], knots=len(knots["x"]), n=knots["n"])
 
         boot = {
             "samples": settings.bootstrap_samples,
@@ -288,11 +321,14 @@ def run(cfg: Config, run: str | int = "latest") -> dict[str, Any]:
             "metrics": result_metrics,
             "confusion_matrix": metrics.confusion(y, s, threshold) if n else None,
             "calibration": metrics.calibration(y, s) if n else [],
+            "calibration_after": metrics.calibration(y, ai) if n else [],
+            "calibration_knots": knots,
+            "capture_gate": capture_gate(y, ai, threshold, settings, boot),
             "baselines": baselines,
             "production": production,
         }
         page = report.evaluation_page(
-            result, report.evaluation_plots(y, s, result, run_paths.history)
+            result, report.evaluation_plots(y, s, result, run_paths.history, ai=ai)
         )
         # A lost lock (docs/faults.md 27): a twin may be evaluating too; write nothing.
         db.check_locks()
@@ -324,6 +360,37 @@ def run(cfg: Config, run: str | int = "latest") -> dict[str, Any]:
             report=str(run_paths.report),
         )
         return summary
+
+
+GATE_METRICS = ("precision", "recall", "f1", "mae", "bias")
+
+
+def capture_gate(
+    y: np.ndarray, ai: np.ndarray, threshold: float, settings: Any, boot: dict[str, Any]
+) -> dict[str, Any]:
+    """The capture gate as the app applies it (``aiRating >= threshold``, aiRating = the
+    calibrated score) on the test rows: precision, recall and F1 of "the gate passes" against
+    "people rated it good" (label >= threshold), with bootstrap CIs, the calibrated score's
+    MAE and bias, the confusion counts and how often it passes."""
+    gate_metrics = metrics.headline_metrics(
+        y,
+        ai,
+        threshold,
+        min_rows=settings.min_test_rows,
+        slice_name="gate",
+        names=GATE_METRICS,
+        ci_names=GATE_METRICS,
+        **boot,
+    )
+    n = len(y)
+    return {
+        "threshold": threshold,
+        "score": "aiRating (calibrated)",
+        "metrics": gate_metrics,
+        "confusion_matrix": metrics.confusion(y, ai, threshold) if n else None,
+        "pass_rate": float(np.mean(ai >= threshold)) if n else None,
+        "good_rate": float(np.mean(y >= threshold)) if n else None,
+    }
 
 
 def compare_with_baselines(
@@ -377,6 +444,7 @@ def summary_of(
 ) -> dict[str, Any]:
     allm = result["metrics"]["all"]
     const = result["baselines"]["constant"]
+    gate = result["capture_gate"]
     return {
         "status": "evaluated",
         "model_version": result["model_version"],
@@ -392,6 +460,19 @@ def summary_of(
         "mae_diff_vs_constant": const.get("mae_diff"),
         "mae_diff_vs_constant_ci": [const.get("ci_low"), const.get("ci_high")],
         "comparisons": {k: v.get("verdict", INSUFFICIENT) for k, v in result["baselines"].items()},
+        # export-onnx puts these knots into the graph's metadata and register into the card
+        "calibration": result["calibration_knots"],
+        "capture_gate": {
+            "threshold": gate["threshold"],
+            **{
+                k: {
+                    "value": gate["metrics"][k]["value"],
+                    "ci": [gate["metrics"][k]["ci_low"], gate["metrics"][k]["ci_high"]],
+                }
+                for k in ("precision", "recall", "f1")
+            },
+            "pass_rate": gate["pass_rate"],
+        },
         "production": result["production"].get("verdict") or result["production"]["note"],
         "metrics_json": str(metrics_path),
         "report_html": str(report_path),
@@ -415,6 +496,10 @@ def evaluation_rows(
             rows.append(
                 (slice_name, metric, m["value"], m["status"], m["n"], m["ci_low"], m["ci_high"])
             )
+    for metric, m in result["capture_gate"]["metrics"].items():
+        rows.append(
+            ("all", f"gate_{metric}", m["value"], m["status"], m["n"], m["ci_low"], m["ci_high"])
+        )
     comparisons = dict(result["baselines"])
     if "verdict" in result["production"]:
         comparisons["production"] = result["production"]

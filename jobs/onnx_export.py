@@ -25,8 +25,9 @@ The graph (``model.onnx`` in the run's folder, :mod:`jobs.paths`):
     logits stay inside the graph).
 
   ``aiRating`` = the calibration knots applied to ``raw_score`` (:mod:`jobs.calibration`:
-  isotonic, fitted here on the validation split's PyTorch raw scores, through the cache's
-  training copies like evaluate); the capture gate is ``aiRating >= dataset.good_threshold``.
+  isotonic, fitted by `airatings evaluate` on the validation split's PyTorch raw scores of
+  the cache's training copies, recorded in the run's ``params_json['evaluate']`` and reused
+  here unchanged); the capture gate is ``aiRating >= dataset.good_threshold``.
 
 Exporter: ``torch.onnx.export(dynamo=False)`` (the TorchScript exporter) at opset 18, with a
 symbolic for ``aten::_upsample_bilinear2d_aa`` registered here: torch 2.14's TorchScript
@@ -37,7 +38,7 @@ its export took 22 s on 2 cores, the TorchScript export 1-2 s. Moving to it mean
 onnxscript (>= 0.7.2, which sets ``exclude_outside=1``) to the locked dependencies.
 
 The job: claim the run (``evaluated`` first), verify the checkpoint and the active val/test
-manifests against the sha256s their steps recorded, fit the calibration, export,
+manifests against the sha256s their steps recorded, take evaluate's calibration, export,
 ``onnx.checker.check_model(full_check=True)``, simplify with onnxsim (kept only when its own
 check says so *and* onnxruntime gives the unsimplified graph's outputs on real test images),
 write the metadata (``metadata_props``), then the parity gate on the run's real test images
@@ -57,7 +58,8 @@ and check, rename) and the run moves to ``onnx_exported`` with the summary in
 original through the graph and scoring the cache's training copy the way evaluate does
 (``original_vs_training_copy``: max, p95, mean).
 
-"Already done" is checked: the same inputs (checkpoint, manifests, threshold, format) and
+"Already done" is checked: the same inputs (checkpoint, manifests, calibration, threshold,
+format) and
 ``model.onnx`` / ``parity.json`` with the sha256s recorded -> ``already_done``; a file missing
 or changed -> exported again (refused once the run is ``registered``: the registered copy is
 the record then). ONNX files are read only through :func:`jobs.onnx_files.load_checked`, which refuses
@@ -100,7 +102,8 @@ OPSET = 18
 INPUT_NAME = "image"
 OUTPUT_NAME = "raw_score"
 # Bump when the graph or the checks change: an older export is then redone.
-EXPORT_FORMAT = 1
+# 2: the calibration comes from evaluate's record, not fitted here.
+EXPORT_FORMAT = 2
 
 # Max |raw_score(PyTorch) - raw_score(onnxruntime)| on real images, fp32. Both run the same
 # float32 graph with different kernels (summation order, conv+bn fused by onnxruntime, the
@@ -152,21 +155,6 @@ def resize_chain(x: torch.Tensor, short_side: int, size: int) -> torch.Tensor:
     return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
 
 
-def raw_score_from(
-    raw: torch.Tensor, target: str, bins: torch.Tensor | None = None
-) -> torch.Tensor:
-    """The network's output (N, k) -> ``raw_score`` (N,) (module doc)."""
-    import torch
-
-    if target in ("regression", "binary"):
-        return raw[:, 0]
-    if target == "distribution":
-        if bins is None:
-            bins = torch.arange(6, dtype=raw.dtype, device=raw.device)
-        return (torch.softmax(raw, dim=1) * bins).sum(dim=1)
-    raise ValueError(target)
-
-
 @functools.cache
 def _scorer_class():
     import torch
@@ -186,7 +174,9 @@ def _scorer_class():
         def forward(self, image: torch.Tensor) -> torch.Tensor:
             x = image.permute(0, 3, 1, 2).float()
             x = resize_chain(x, self.short_side, self.size)
-            return raw_score_from(self.model(x), self.target, self.bins)
+            from jobs.train.model import raw_scores_from_outputs
+
+            return raw_scores_from_outputs(self.model(x), self.target, self.bins)
 
     return Scorer
 
@@ -422,6 +412,23 @@ def verified_manifest(cfg: Config, run: runs.Run, split: str) -> Path:
     )
 
 
+def evaluated_calibration(run: runs.Run, target: str) -> dict[str, Any]:
+    """The calibration knots evaluate fitted and recorded for ``run`` (params_json['evaluate'])."""
+    knots = (run.params.get("evaluate") or {}).get("calibration")
+    if not knots or not knots.get("x") or len(knots["x"]) != len(knots.get("y") or []):
+        raise InputError(
+            f"run {run.model_version} has no calibration from evaluate (it was evaluated by an "
+            f"older version); run 'airatings evaluate --run {run.model_version}' again, then "
+            "export-onnx"
+        )
+    if knots.get("target") != target:
+        raise InputError(
+            f"run {run.model_version}: the recorded calibration is for target "
+            f"{knots.get('target')!r}, the checkpoint's is {target!r}; evaluate again"
+        )
+    return knots
+
+
 def training_copy_array(path: Path, size: int) -> np.ndarray:
     """A cached training copy as evaluate feeds it: full frame squashed to size x size."""
     from PIL import Image
@@ -455,13 +462,17 @@ def training_copy_raw(model: nn.Module, target: str, files: list[Path], size: in
     """raw_score of the network on training copies (evaluate's path: PIL squash, uint8 NHWC)."""
     import torch
 
+    from jobs.train.model import raw_scores_from_outputs
+
     out = []
     with torch.inference_mode():
         for start in range(0, len(files), PREDICT_BATCH):
             batch = np.stack(
                 [training_copy_array(p, size) for p in files[start : start + PREDICT_BATCH]]
             )
-            out.append(raw_score_from(model(torch.from_numpy(batch)), target).double().numpy())
+            out.append(
+                raw_scores_from_outputs(model(torch.from_numpy(batch)), target).double().numpy()
+            )
     return np.concatenate(out) if out else np.zeros(0)
 
 
@@ -481,10 +492,15 @@ def _stats(values: np.ndarray) -> dict[str, Any]:
 
 
 def export_key(
-    cfg: Config, checkpoint_sha: str, manifests: dict[str, Path], short_side: int
+    cfg: Config,
+    checkpoint_sha: str,
+    manifests: dict[str, Path],
+    short_side: int,
+    knots: dict[str, Any] | None,
 ) -> str:
     parts = {
         "format": EXPORT_FORMAT,
+        "calibration": knots,
         "checkpoint_sha256": checkpoint_sha,
         "manifests": {k: sha256_file(p) for k, p in sorted(manifests.items())},
         "good_threshold": cfg.dataset.good_threshold,
@@ -543,7 +559,13 @@ def run(
             (the_run.params.get("cache") or {}).get("train_short_side")
             or cfg.cache.train_short_side
         )
-        key = export_key(cfg, ckpt_sha, manifests, short_side)
+        key = export_key(
+            cfg,
+            ckpt_sha,
+            manifests,
+            short_side,
+            (the_run.params.get("evaluate") or {}).get("calibration"),
+        )
         done, why = already_exported(the_run, run_paths, key)
         if done is not None:
             log.info("onnx_export_already_done", onnx=str(run_paths.onnx))
@@ -623,11 +645,8 @@ def _export_and_check(
     threshold = float(cfg.dataset.good_threshold)
     root = cfg.artifacts_dir
 
-    # calibration on the validation split, scored the way evaluate scores (training copies)
-    val = pq.read_table(manifests["val"], columns=["label_value", "train_image_path"]).to_pydict()
-    val_raw = training_copy_raw(model, target, [root / p for p in val["train_image_path"]], size)
-    knots = calibration.fit(val_raw, val["label_value"], target=target)
-    log.info("calibration_fitted", method=knots["method"], knots=len(knots["x"]), n=knots["n"])
+    # the calibration evaluate fitted on the validation split (and showed in its report)
+    knots = evaluated_calibration(the_run, target)
 
     test = pq.read_table(
         manifests["test"], columns=["snapshot_id", "image_path", "train_image_path"]

@@ -355,6 +355,7 @@ def label_counts(conn: psycopg.Connection, cfg: Config, the_run: runs.Run) -> di
 def metrics_summary(result: dict[str, Any]) -> dict[str, Any]:
     """The headline numbers the run row keeps (the card has them all)."""
     allm = (result.get("metrics") or {}).get("all") or {}
+    gate = (result.get("capture_gate") or {}).get("metrics") or {}
 
     def value(name: str) -> Any:
         m = allm.get(name) or {}
@@ -364,7 +365,14 @@ def metrics_summary(result: dict[str, Any]) -> dict[str, Any]:
     return {
         "split": result.get("split"),
         "n": result.get("n"),
-        **{k: value(k) for k in ("mae", "rmse", "spearman", "roc_auc", "precision", "recall")},
+        **{k: value(k) for k in ("mae", "rmse", "spearman", "roc_auc")},
+        # the capture gate on the calibrated aiRating (what the app's cron applies)
+        **{
+            f"gate_{k}": (gate.get(k) or {}).get("value")
+            if (gate.get(k) or {}).get("status") == "ok"
+            else "insufficient_data"
+            for k in ("precision", "recall")
+        },
         "mae_ci": [(allm.get("mae") or {}).get("ci_low"), (allm.get("mae") or {}).get("ci_high")],
         "vs_constant": ((result.get("baselines") or {}).get("constant") or {}).get(
             "verdict", "insufficient_data"
@@ -391,7 +399,8 @@ def build_card(
     train_rec = the_run.params.get("train") or {}
     export_rec = the_run.params.get("export") or {}
     io = onnx_rec.get("io") or {}
-    allm = (result.get("metrics") or {}).get("all") or {}
+    gate = result.get("capture_gate") or {}
+    gate_metrics = gate.get("metrics") or {}
     return {
         "card_format": CARD_FORMAT,
         "model_version": v,
@@ -414,8 +423,12 @@ def build_card(
             "rule": "aiRating >= threshold",
             "threshold": threshold,
             "source": "dataset.good_threshold",
-            "test_split_at_threshold": {k: allm.get(k) for k in ("precision", "recall", "f1")},
-            "note": "test metrics are of the evaluated score (score_mapping), before calibration",
+            # the gate as the app applies it: on the calibrated aiRating, test split, with CIs
+            "test_split_at_threshold": {
+                k: gate_metrics.get(k) for k in ("precision", "recall", "f1", "mae")
+            },
+            "test_pass_rate": gate.get("pass_rate"),
+            "test_confusion_matrix": gate.get("confusion_matrix"),
             "score_mapping": onnx_rec.get("score_mapping"),
         },
         "scorer_interface": SCORER_INTERFACE,
@@ -445,6 +458,9 @@ def build_card(
             "bootstrap": result.get("bootstrap"),
             "slices": result.get("metrics"),
             "confusion_matrix": result.get("confusion_matrix"),
+            "capture_gate": gate,
+            "calibration_before": result.get("calibration"),
+            "calibration_after": result.get("calibration_after"),
             "baselines": result.get("baselines"),
             "production": result.get("production"),
             "metrics_sha256": (the_run.params.get("evaluate") or {}).get("metrics_sha256"),

@@ -55,10 +55,17 @@ def figure_png(fig: Any, *, dpi: int = 100) -> str:
 
 
 def evaluation_plots(
-    y: np.ndarray, s: np.ndarray, result: dict[str, Any], history: Path
+    y: np.ndarray,
+    s: np.ndarray,
+    result: dict[str, Any],
+    history: Path,
+    *,
+    ai: np.ndarray | None = None,
 ) -> list[tuple[str, str]]:
-    """(caption, data URI) of the evaluation's plots: predicted vs human, calibration,
-    precision-recall, MAE by slice, and the training curves when ``history`` exists."""
+    """(caption, data URI) of the evaluation's plots: predicted vs human, the reliability
+    diagram before and after calibration (``ai``: the calibrated aiRating; before = the
+    model's own 0..5 score) with the fitted map beside it, precision-recall, MAE by slice,
+    and the training curves when ``history`` exists."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -76,15 +83,35 @@ def evaluation_plots(
     )
     out.append(("Predicted vs human (test)", figure_png(fig)))
 
-    cal = [c for c in result["calibration"] if c["n"]]
-    fig, ax = plt.subplots(figsize=(5, 4.2))
-    ax.plot([0, 5], [0, 5], color="grey", lw=1)
-    if cal:
-        ax.plot([c["mean_predicted"] for c in cal], [c["mean_human"] for c in cal], marker="o")
-        for c in cal:
-            ax.annotate(str(c["n"]), (c["mean_predicted"], c["mean_human"]), fontsize=8)
+    fig, (ax, ax_map) = plt.subplots(1, 2, figsize=(9, 4.2))
+    ax.plot([0, 5], [0, 5], color="grey", lw=1, label="perfect")
+    for key, label in (
+        ("calibration", "before (model score)"),
+        ("calibration_after", "after (aiRating)"),
+    ):
+        cal = [c for c in result.get(key) or [] if c["n"]]
+        if cal:
+            ax.plot(
+                [c["mean_predicted"] for c in cal],
+                [c["mean_human"] for c in cal],
+                marker="o",
+                label=label,
+            )
+            for c in cal:
+                ax.annotate(str(c["n"]), (c["mean_predicted"], c["mean_human"]), fontsize=7)
     ax.set(xlabel="mean predicted (bucket)", ylabel="mean human", xlim=(0, 5), ylim=(0, 5))
-    out.append(("Calibration by predicted bucket (n annotated)", figure_png(fig)))
+    ax.legend(fontsize=8)
+    knots = result.get("calibration_knots")
+    if knots:
+        ax_map.plot(knots["x"], knots["y"], drawstyle="default", marker=".", ms=3)
+        ax_map.axhline(t, color="tab:red", lw=0.8, ls="--")
+        ax_map.set(xlabel="raw_score", ylabel="aiRating", ylim=(-0.1, 5.1), title=knots["method"])
+    out.append(
+        (
+            "Reliability before/after calibration (n annotated); the fitted map raw -> aiRating",
+            figure_png(fig),
+        )
+    )
 
     good = y >= t
     fig, ax = plt.subplots(figsize=(5, 4.2))
@@ -152,8 +179,27 @@ def evaluation_page(result: dict[str, Any], plots: list[tuple[str, str]]) -> str
         ("human good", cm.get("tp"), cm.get("fn")),
         ("human not good", cm.get("fp"), cm.get("tn")),
     ]
+    after = {c["bucket"]: c for c in result.get("calibration_after") or []}
     calibration_rows = [
-        (c["bucket"], c["n"], c["mean_predicted"], c["mean_human"]) for c in result["calibration"]
+        (
+            c["bucket"],
+            c["n"],
+            c["mean_predicted"],
+            c["mean_human"],
+            after.get(c["bucket"], {}).get("n"),
+            after.get(c["bucket"], {}).get("mean_predicted"),
+            after.get(c["bucket"], {}).get("mean_human"),
+        )
+        for c in result["calibration"]
+    ]
+    gate = result.get("capture_gate") or {"metrics": {}}
+    gate_rows = [
+        (name, m["value"], m["ci_low"], m["ci_high"], m["n"]) for name, m in gate["metrics"].items()
+    ]
+    gcm = gate.get("confusion_matrix") or {}
+    gate_confusion_rows = [
+        ("human good", gcm.get("tp"), gcm.get("fn")),
+        ("human not good", gcm.get("fp"), gcm.get("tn")),
     ]
     baseline_rows = []
     for name, b in {**result["baselines"], "production": result["production"]}.items():
@@ -191,6 +237,9 @@ def evaluation_page(result: dict[str, Any], plots: list[tuple[str, str]]) -> str
         summary_rows=summary_rows,
         confusion_rows=confusion_rows,
         calibration_rows=calibration_rows,
+        gate=gate,
+        gate_rows=gate_rows,
+        gate_confusion_rows=gate_confusion_rows,
         baseline_rows=baseline_rows,
         slice_rows=slice_rows,
         small_slices=small_slices,

@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from browser import inspect_page
 from psycopg import sql
 from train_fixtures import FAST, make_world, run_status
 
 import jobs.train
-from jobs import db, evaluate, paths
+from jobs import calibration, db, evaluate, paths
 from jobs.errors import InputError, TransientError
 from jobs.runs import table
 
@@ -59,6 +61,34 @@ def test_evaluate_job_end_to_end(make_cfg):
     )  # 15 < 20 rows
     assert set(metrics["confusion_matrix"]) == {"tp", "fp", "fn", "tn"}
     assert sum(metrics["confusion_matrix"].values()) == 45
+
+    # calibration fitted on the val split; the capture gate measured on the calibrated score
+    knots = metrics["calibration_knots"]
+    assert knots["method"] in {"isotonic", "fallback"} and len(knots["x"]) == len(knots["y"])
+    assert out["calibration"] == knots  # what export-onnx takes
+    test = pq.read_table(run_paths.active_manifest("test")).to_pydict()
+    raw, _ = evaluate.predict(
+        cfg,
+        run_paths.best_checkpoint,
+        [cfg.artifacts_dir / p for p in test["train_image_path"]],
+        batch_size=32,
+    )
+    ai = calibration.apply(knots, raw)
+    y = np.asarray(test["label_value"])
+    t = cfg.dataset.good_threshold
+    gate = metrics["capture_gate"]
+    assert gate["confusion_matrix"] == {
+        "tp": int(np.sum((ai >= t) & (y >= t))),
+        "fp": int(np.sum((ai >= t) & (y < t))),
+        "fn": int(np.sum((ai < t) & (y >= t))),
+        "tn": int(np.sum((ai < t) & (y < t))),
+    }
+    assert gate["metrics"]["mae"]["value"] == pytest.approx(float(np.mean(np.abs(ai - y))))
+    for name in ("precision", "recall"):
+        m = gate["metrics"][name]
+        if m["status"] == "ok":
+            assert m["ci_low"] <= m["value"] <= m["ci_high"]
+    assert sum(c["n"] for c in metrics["calibration_after"]) == 45
     html = run_paths.report.read_text()
     assert html.count("data:image/png;base64,") == 5
     assert 'src="http' not in html and "<script" not in html
@@ -68,11 +98,14 @@ def test_evaluate_job_end_to_end(make_cfg):
     seen = inspect_page(run_paths.report)
     assert seen["images"] == 5 and seen["decoded"] == 5, seen["broken"]
     assert seen["title"] == f"Evaluation: {version}"
-    assert {"Summary", "Plots", "Slices"} <= set(seen["headings"])
+    assert {"Summary", "Plots", "Slices", "Calibration"} <= set(seen["headings"])
+    assert any(h.startswith("Capture gate (aiRating") for h in seen["headings"])
+    assert "Reliability before/after calibration" in html
     assert seen["tables"] >= 3
 
     rows = _db_rows(cfg, version)
     mae_row = next(r for r in rows if r[0] == "all" and r[1] == "mae")
+    assert {"gate_precision", "gate_recall", "gate_f1"} <= {r[1] for r in rows}
     assert mae_row[2] == pytest.approx(allm["mae"]["value"]) and mae_row[4] == 45
     assert any(r[1] == f"mae_diff_vs_{version}" and r[2] == 0 for r in rows)
     assert any(
@@ -120,10 +153,14 @@ def test_evaluate_whose_lock_was_lost_exits_75_and_writes_no_result(make_cfg, mo
     db.migrate(cfg)
     world = make_world(cfg, n=120)
     jobs.train.run(cfg)
-    real = evaluate.predict_scores
+    real = evaluate.predict
+    calls = []
 
     def score_then_lose_the_lock(*args, **kw):
         out = real(*args, **kw)
+        calls.append(1)
+        if len(calls) > 1:  # the test split is scored first, then the val split
+            return out
         with db.connect(cfg, autocommit=True) as admin:
             pids = admin.execute(
                 "select distinct pid from pg_locks where locktype = 'advisory' and granted"
@@ -134,7 +171,7 @@ def test_evaluate_whose_lock_was_lost_exits_75_and_writes_no_result(make_cfg, mo
                 admin.execute("select pg_terminate_backend(%s)", (pid,))
         return out
 
-    monkeypatch.setattr(evaluate, "predict_scores", score_then_lose_the_lock)
+    monkeypatch.setattr(evaluate, "predict", score_then_lose_the_lock)
     with pytest.raises(TransientError, match="lost the advisory lock") as info:
         evaluate.run(cfg)
     assert info.value.exit_code == 75

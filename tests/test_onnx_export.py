@@ -29,6 +29,7 @@ from PIL import Image
 from psycopg import sql
 from train_fixtures import FAST, make_world, run_status, sky_image, world_rows
 
+import jobs.evaluate
 import jobs.train
 from jobs import db, onnx_export, paths, runs
 from jobs.artifacts import owner_tag
@@ -65,17 +66,18 @@ def _write_images(cfg, rows):
 
 @pytest.fixture(scope="module")
 def trained(pg_server, tmp_path_factory):
-    """A run trained on the tiny world and marked evaluated (evaluate's own tests cover it)."""
+    """A run trained on the tiny world and evaluated (which fits the calibration)."""
     tmp = tmp_path_factory.mktemp("onnx")
     with scratch_database(pg_server) as url:
-        cfg = make_config(url, tmp, **FAST, cache__train_short_side=SHORT_SIDE)
+        cfg = make_config(
+            url, tmp, **FAST, cache__train_short_side=SHORT_SIDE, evaluate__bootstrap_samples=50
+        )
         db.migrate(cfg)
         rows = world_rows(160, seed=5, good_threshold=cfg.dataset.good_threshold)
         _write_images(cfg, rows)
         world = make_world(cfg, rows=rows)
         jobs.train.run(cfg)
-        with db.connect(cfg) as conn:
-            runs.set_status(conn, cfg, world["run_id"], "evaluated", step="evaluate", summary={})
+        jobs.evaluate.run(cfg)
         yield cfg, world
 
 
@@ -183,6 +185,8 @@ def test_export_checks_parity_records_and_redoes_a_tampered_file(trained):
     assert params["onnx_sha256"] == hashlib.sha256(run_paths.onnx.read_bytes()).hexdigest()
     assert params["parity"]["max_abs_delta_raw"] == parity["max_abs_delta_raw"]
     assert params["calibration"]["x"] == out["calibration"]["x"]
+    # one calibration: the knots evaluate fitted (and its report shows) are the ones exported
+    assert out["calibration"] == _params(cfg, run_id)["evaluate"]["calibration"]
 
     # dynamic H x W: two sizes through one session at batch 1, as PyTorch scores them
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -249,6 +253,26 @@ def test_a_perturbed_graph_fails_the_gate_and_writes_nothing(trained):
 
     # the same run without the perturbation passes
     assert onnx_export.run(cfg, run=version)["status"] == "onnx_exported"
+
+
+def test_export_refuses_a_run_evaluated_without_calibration(trained):
+    """A run evaluated before evaluate fitted the calibration has no knots to export: the
+    error says to evaluate again; nothing is written."""
+    cfg, world = trained
+    version, run_id = fresh_run(cfg, world)
+    t = runs.table(cfg, "model_training_runs")
+    with db.connect(cfg) as conn:
+        conn.execute(
+            sql.SQL(
+                "update {} set params_json = jsonb_set(params_json, '{{evaluate}}',"
+                " (params_json->'evaluate') - 'calibration') where id = %s"
+            ).format(t),
+            (run_id,),
+        )
+    with pytest.raises(InputError, match="no calibration from evaluate.*airatings evaluate --run"):
+        onnx_export.run(cfg, version)
+    assert not paths.of(cfg).run(version).onnx.exists()
+    assert run_status(cfg, run_id)[0] == "evaluated"
 
 
 def test_export_needs_an_evaluated_run(trained):

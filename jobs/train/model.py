@@ -143,6 +143,24 @@ def backbone_parameters(model: nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if id(p) not in head_ids]
 
 
+def raw_scores_from_outputs(
+    raw: torch.Tensor, target: str, bins: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Raw network output (N, k) -> ``raw_score`` (N,): what the exported ONNX graph outputs
+    and the calibration (``jobs.calibration``) maps to aiRating. Regression: the predicted
+    rating, unclamped; binary: the logit; distribution: the expected rating. ``bins``: the
+    ratings 0..5 as a tensor (the ONNX export passes a buffer, so the graph holds a constant)."""
+    import torch
+
+    if target in ("regression", "binary"):
+        return raw[:, 0]
+    if target == "distribution":
+        if bins is None:
+            bins = torch.arange(6, dtype=raw.dtype, device=raw.device)
+        return (torch.softmax(raw, dim=1) * bins).sum(dim=1)
+    raise ValueError(target)
+
+
 def scores_from_outputs(raw: torch.Tensor, target: str) -> torch.Tensor:
     """Raw network output (N, k) -> 0..5 scores (N,). The one mapping (see module doc)."""
     import torch
