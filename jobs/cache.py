@@ -80,7 +80,9 @@ def url_key(url: str) -> str:
 # ---- shards ------------------------------------------------------------------------------------
 
 
-def parse_shard(shard: str | None, env: dict[str, str] | os._Environ[str]) -> tuple[int, int]:
+def parse_shard(
+    shard: str | None, env: dict[str, str] | os._Environ[str], *, job: str = "cache"
+) -> tuple[int, int]:
     """``I/N`` (or JOB_COMPLETION_INDEX + JOB_COMPLETIONS) -> (index, count); none -> (0, 1)."""
     if shard is None:
         idx, total = env.get("JOB_COMPLETION_INDEX"), env.get("JOB_COMPLETIONS")
@@ -88,7 +90,7 @@ def parse_shard(shard: str | None, env: dict[str, str] | os._Environ[str]) -> tu
             return 0, 1
         if idx is None or total is None:
             raise InputError(
-                "sharded cache needs both JOB_COMPLETION_INDEX and JOB_COMPLETIONS "
+                f"sharded {job} needs both JOB_COMPLETION_INDEX and JOB_COMPLETIONS "
                 f"(got index={idx!r}, completions={total!r}); or pass --shard I/N"
             )
         shard, origin = f"{idx}/{total}", "JOB_COMPLETION_INDEX/JOB_COMPLETIONS"

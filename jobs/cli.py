@@ -161,6 +161,21 @@ def run_job(
 
         from jobs.db import duckdb_connection_lost, redact
 
+        if isinstance(exc, psycopg.errors.InsufficientPrivilege):
+            # the job's database user lacks a grant: a deployment problem, not a bug (exit 2)
+            code = 2
+            msg = (
+                f"permission denied: {' '.join(redact(str(exc)).split())}; the job's database "
+                "user needs its role (airatings_export, _train, _score or _review: "
+                "docs/contracts.md 'Roles'), whose grants 'airatings migrate' makes"
+            )
+            log.error("job_failed", error=msg, exit_code=code, kind="InsufficientPrivilege")
+            if as_json:
+                sys.stdout.write(
+                    json.dumps({"status": "failed", "error": msg, "exit_code": code}) + "\n"
+                )
+            print(f"error: {msg}", file=sys.stderr)
+            raise typer.Exit(code) from None
         lost = isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
         if not lost and "duckdb" in sys.modules:
             import duckdb
@@ -418,9 +433,43 @@ def release(
 
 
 @app.command("score")
-def score(config: ConfigOpt = DEFAULT_CONFIG, json_: JsonOpt = False) -> None:
-    """Score new snapshots with the production model and write the app's AI fields (issue [8/11])."""
-    run_job("score", _not_built("score"), config, json_)
+def score(
+    config: ConfigOpt = DEFAULT_CONFIG,
+    json_: JsonOpt = False,
+    model: Annotated[
+        str | None,
+        typer.Option(help="Registered version (default: $AI_MODEL_VERSION, else production)."),
+    ] = None,
+    since: Annotated[
+        str | None,
+        typer.Option(help="Window: 90m, 24h, 2d, 1w or an ISO time (default score.since_hours)."),
+    ] = None,
+    backfill: Annotated[
+        bool, typer.Option("--backfill", help="Every rated snapshot, not only recent ones.")
+    ] = False,
+    shard: Annotated[
+        str | None, typer.Option(help="I/N: this shard (or JOB_COMPLETION_INDEX/JOB_COMPLETIONS).")
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="Score at most this many snapshots.")] = None,
+    retry_failed: Annotated[
+        bool, typer.Option("--retry-failed", help="Retry snapshots that failed permanently.")
+    ] = False,
+) -> None:
+    """Score snapshots with a registered model: inference rows and the webcams' AI fields."""
+    from jobs import score as score_job
+
+    run_job(
+        "score",
+        score_job.run,
+        config,
+        json_,
+        model=model,
+        since=since,
+        backfill=backfill,
+        shard=shard,
+        limit=limit,
+        retry_failed=retry_failed,
+    )
 
 
 @app.command("review")

@@ -180,6 +180,22 @@ class EvaluateConfig(_Section):
     batch_size: int = Field(64, ge=1, le=4096)
 
 
+class ScoreConfig(_Section):
+    """`airatings score` (jobs/score.py). Not part of the config hash: how a model is applied
+    does not change what a run is."""
+
+    # onnxruntime intra-op threads; 0: the CPUs this process may use (cgroup-aware).
+    threads: int = Field(0, ge=0, le=256)
+    # Image decoding threads beside onnxruntime (Pillow releases the GIL); 0: as threads.
+    decode_threads: int = Field(0, ge=0, le=256)
+    # Snapshots per database transaction (one batch: its rows and webcam fields commit together).
+    batch_size: int = Field(64, ge=1, le=10_000)
+    # Images per onnxruntime call (same height x width: webcams send one size each).
+    max_batch: int = Field(32, ge=1, le=1024)
+    # The default window of `airatings score` without --since/--backfill.
+    since_hours: float = Field(24.0, gt=0, le=24 * 3650)
+
+
 class DemoConfig(_Section):
     snapshots: int = Field(3000, ge=10, le=10_000_000)
     seed: int = Field(42, ge=0)
@@ -226,6 +242,7 @@ class Config(BaseModel):
     cache: CacheConfig = CacheConfig()
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    score: ScoreConfig = ScoreConfig()
     demo: DemoConfig = DemoConfig()
 
     # Where the config came from (not hashed, not validated from YAML).
@@ -234,8 +251,9 @@ class Config(BaseModel):
     # ---- derived values -------------------------------------------------------------
     @property
     def hashed_view(self) -> dict[str, Any]:
-        """What defines a run: everything but machine-local paths and the database location."""
-        return self.model_dump(mode="json", exclude={"paths", "database", "source"})
+        """What defines a run: everything but machine-local paths, the database location and
+        how a registered model is applied (``score``)."""
+        return self.model_dump(mode="json", exclude={"paths", "database", "score", "source"})
 
     @property
     def config_hash(self) -> str:

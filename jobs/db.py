@@ -488,6 +488,8 @@ def migrate(cfg: Config, *, files: list[tuple[int, str, str]] | None = None) -> 
     """Apply pending migrations in order, each in its own transaction, under an advisory lock.
 
     Migrations run with ``search_path`` set to the project's schema (``database.ml_schema``).
+    Then (with the project's own migrations, ``files`` None) the roles' grants, the inference
+    key and the scorer's SQL functions (:mod:`jobs.grants`), every time.
     Idempotent: applied ones are recorded (with a checksum) in ``schema_migrations`` and
     skipped; a changed applied file is an error. A concurrent second ``migrate`` waits for the
     lock, then finds nothing to do.
@@ -495,8 +497,11 @@ def migrate(cfg: Config, *, files: list[tuple[int, str, str]] | None = None) -> 
     import psycopg
     from psycopg import sql
 
+    # grants (jobs/grants.py) name the tables of the project's own migrations
+    with_grants = files is None
     files = migration_files() if files is None else files
     schema = cfg.database.ml_schema
+    granted: dict[str, Any] | None = None
     applied_now: list[str] = []
     key = lock_key(*lock_parts(cfg, "migrate"))  # per schema: two schemas migrate at once
     with connect(cfg, autocommit=True) as conn:
@@ -557,6 +562,10 @@ def migrate(cfg: Config, *, files: list[tuple[int, str, str]] | None = None) -> 
                     )
                 applied_now.append(name)
                 log.info("migration_applied", migration=name)
+            if with_grants:
+                from jobs import grants
+
+                granted = grants.apply(cfg, conn)
         finally:
             # A broken connection has released the lock already; do not mask the real error.
             if not conn.broken:
@@ -566,4 +575,5 @@ def migrate(cfg: Config, *, files: list[tuple[int, str, str]] | None = None) -> 
         "applied": applied_now,
         "total": len(files),
         "pending_before": len(applied_now),
+        "grants": granted,
     }
