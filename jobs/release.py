@@ -242,8 +242,9 @@ def _promotion_brief(promotion: dict[str, Any] | None) -> dict[str, Any] | None:
 
 def demo(cfg: Config, promote: bool = True) -> dict[str, Any]:
     """`airatings demo run` (what `just demo` runs): the synthetic world seeded into the app's
-    tables (embedded PostgreSQL unless DATABASE_URL is set), then a release of it. Running it
-    again reseeds the same world and the release finds every step done."""
+    tables (embedded PostgreSQL unless DATABASE_URL is set), a release of it and, once a
+    version is promoted, a scoring pass over the rated snapshots (`airatings score
+    --backfill`). Running it again reseeds the same world and every step finds its work done."""
     from jobs.demo import seed
 
     started = time.monotonic()
@@ -253,5 +254,24 @@ def demo(cfg: Config, promote: bool = True) -> dict[str, Any]:
         return seeded
     released = run(cfg, promote=promote)
     released["steps"] = {"seed": _brief(seeded), **released.get("steps", {})}
+    if released.get("status") == "released" and promote:
+        # what the app's scoring CronJob does next, here over every rated snapshot (the demo
+        # world's snapshots are weeks old): inference rows and the webcams' AI fields
+        from jobs import score
+
+        scored = score.run(cfg, backfill=True)
+        released["steps"]["score"] = _brief(scored)
+        released["scoring"] = {
+            k: scored.get(k)
+            for k in (
+                "model_version",
+                "scored",
+                "already_scored",
+                "failed_by_reason",
+                "gate_passed",
+                "webcams_updated",
+                "images_per_s",
+            )
+        }
     released["seconds"] = round(time.monotonic() - started, 2)
     return released

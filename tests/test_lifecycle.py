@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 from conftest import DEMO
 from train_fixtures import FAST
 
-from jobs import db, dbt_runner, paths, provenance, release
+from jobs import db, dbt_runner, paths, provenance, release, score
 
 # What each planted fault must look like in failures.parquet.
 EXPECTED_REASON = {
@@ -144,6 +144,21 @@ def test_demo_lifecycle_on_a_small_world(make_cfg):
     tested = dbt_runner.cli(cfg, ["test"])
     assert tested["results"].get("pass", 0) > 0 and set(tested["results"]) == {"pass"}
 
+    # The demo ends with a scoring pass: rows and the webcams' AI fields are in the app's tables.
+    scoring = out["scoring"]
+    assert scoring["model_version"] == version and scoring["scored"] > 0
+    with db.connect(cfg) as conn:
+        (rows,) = conn.execute(
+            "select count(*) from public.snapshot_ai_inferences where model_version = %s",
+            (version,),
+        ).fetchone()
+        (cams,) = conn.execute(
+            "select count(*) from public.webcams where ai_model_version = %s and ai_rating is not null",
+            (version,),
+        ).fetchone()
+    assert rows == scoring["scored"]
+    assert cams == scoring["webcams_updated"] > 0
+
     # Running the demo again resumes: same dataset, nothing fetched, training already done.
     again = release.demo(cfg)
     assert again["model_version"] == version
@@ -153,6 +168,11 @@ def test_demo_lifecycle_on_a_small_world(make_cfg):
     assert again["steps"]["train"]["status"] == "already_done"
     assert again["steps"]["export-onnx"]["status"] == "already_done"
     assert again["steps"]["register"]["status"] == "already_registered"
+    # the reseed empties the app's tables, inference rows included: scored again, the same
+    assert again["scoring"]["scored"] == rows
+    # and a scoring re-run on an unchanged world adds nothing
+    rerun = score.run(cfg, backfill=True)
+    assert rerun["scored"] == 0 and rerun["already_scored"] == rows and rerun["failed"] == 0
 
     # The app moves on: a new rating on one used snapshot, a changed calculated rating on
     # another. Provenance sees both (dbt's label view is live), and one snapshot's detail
