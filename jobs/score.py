@@ -140,6 +140,8 @@ class Model:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
+        # no busy-waiting between calls: the decode threads need those cores meanwhile
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
         self.input = card["inputs"][0]["name"]
         self.output = card["outputs"][0]["name"]
