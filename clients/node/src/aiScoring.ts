@@ -115,13 +115,13 @@ export interface ScorerOptions {
   /** The registered model's folder: `model_card.json` and the file its `file` names. */
   modelDir: string;
   /** onnxruntime intra-op threads (default: onnxruntime's, the machine's cores). */
-  threads?: number;
+  threads?: number | undefined;
   /** Capture-gate threshold overriding the card's (the app's AI_CAPTURE_THRESHOLD). */
-  threshold?: number;
+  threshold?: number | undefined;
   /** Pixel cap overriding the card's `preprocessing.max_pixels` / the default 40,000,000. */
-  maxPixels?: number;
+  maxPixels?: number | undefined;
   /** Accepted formats (default: JPEG, PNG, WEBP, GIF; the card's `preprocessing.formats`). */
-  formats?: readonly ImageFormat[];
+  formats?: readonly ImageFormat[] | undefined;
 }
 
 export interface Scorer {
@@ -252,7 +252,7 @@ function reasonOf(err: unknown, fmt: ImageFormat, bytes: Uint8Array): ImageRejec
  */
 export async function decodeImage(
   imageBytes: Buffer | Uint8Array,
-  options: { maxPixels?: number; formats?: readonly ImageFormat[] } = {},
+  options: { maxPixels?: number | undefined; formats?: readonly ImageFormat[] | undefined } = {},
 ): Promise<DecodedImage> {
   const formats = options.formats ?? ACCEPTED_FORMATS;
   const cap = pixelCap(options.maxPixels ?? DEFAULT_MAX_PIXELS);
