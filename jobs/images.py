@@ -129,7 +129,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
     the mask), not through full-size RGBA copies.
     """
     mode = img.mode
-    if mode == "RGB":
+    if mode == "RGB" and "transparency" not in img.info:
         return img
     if mode in _GREY_WIDE:
         return _wide_grey_to_l(img).convert("RGB")
@@ -257,7 +257,9 @@ def decode_image(
             raise ImageRejected("not_an_image", str(exc)) from None
         except (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError) as exc:
             text = str(exc)
-            if "truncated" in text or isinstance(exc, EOFError) or "end of file" in text.lower():
+            # "image file is truncated", "Truncated File Read" (a segment cut off), EOF
+            lowered = text.lower()
+            if "truncated" in lowered or isinstance(exc, EOFError) or "end of file" in lowered:
                 raise ImageRejected("truncated", text) from None
             raise ImageRejected("corrupt", text) from None
 

@@ -44,6 +44,12 @@ def test_transparency_is_composited_on_the_fixed_background() -> None:
     p = load_image(odd_images()["p_transparent.png"], max_pixels=BIG)
     assert p.getpixel((5, 5)) == BACKGROUND_RGB  # transparent palette index
     assert p.getpixel((60, 5)) == (255, 0, 0)
+    # an RGB PNG with a transparent colour key (tRNS): that colour is transparent too
+    keyed = Image.new("RGB", (4, 2), (10, 20, 30))
+    keyed.putpixel((0, 0), (200, 100, 50))
+    out = load_image(encode(keyed, "PNG", transparency=(10, 20, 30)), max_pixels=BIG)
+    assert out.mode == "RGB" and out.getpixel((1, 1)) == BACKGROUND_RGB
+    assert out.getpixel((0, 0)) == (200, 100, 50)
 
 
 def test_16_bit_is_scaled_not_clipped() -> None:
@@ -71,6 +77,8 @@ def test_cmyk_becomes_rgb() -> None:
         (b'{"error": "not found"}', "not_an_image"),
         (b"", "not_an_image"),
         (jpeg(400, 300)[:3000], "truncated"),
+        # cut inside the headers: Pillow says "Truncated File Read" (capital T)
+        (jpeg(400, 300)[:200], "truncated"),
         (b"\xff\xd8\xff\xe0" + b"\0" * 200, "not_an_image"),  # signature, no picture
         (encode(gradient(20, 20), "BMP"), "not_an_image"),
         (encode(gradient(20, 20), "TIFF"), "not_an_image"),
