@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -39,12 +40,21 @@ def _missing(what: str) -> None:
     pytest.skip(what)
 
 
+# Node on PATH first; else the one `just setup` put into the venv (scripts/ensure-node.sh)
+NODE_PATH = os.pathsep.join([os.environ.get("PATH", ""), str(Path(sys.executable).parent)])
+
+
+def node_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for node and npm: PATH with the venv's Node as the fallback."""
+    return {**os.environ, "PATH": NODE_PATH, **(extra or {})}
+
+
 def _run(cmd: list[str], env: dict[str, str] | None = None, timeout: int = 600) -> str:
     """``cmd`` in clients/node; its output (stdout and stderr together) whatever it returns."""
     proc = subprocess.run(
         cmd,
         cwd=NODE_DIR,
-        env={**os.environ, **(env or {})},
+        env=node_env(env),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -67,7 +77,7 @@ def _count(output: str, what: str) -> int:
 
 @pytest.fixture(scope="module")
 def npm() -> str:
-    node, npm_path = shutil.which("node"), shutil.which("npm")
+    node, npm_path = shutil.which("node", path=NODE_PATH), shutil.which("npm", path=NODE_PATH)
     if not node or not npm_path:
         _missing("node or npm is not installed")
     version = subprocess.run([node, "--version"], capture_output=True, text=True, check=True)
