@@ -10,12 +10,15 @@ python := bin / "python"
 default:
     @{{ just_executable() }} --list --unsorted
 
-# Create .venv and install exactly requirements.lock (hashes checked), then the project
+# Create .venv and install exactly requirements.lock (hashes checked), the project and the Node
+# scorer's exact package-lock.json (install scripts off: onnxruntime-node's fetches GPU binaries)
 setup:
     test -x {{ python }} || python3 -m venv {{ venv }}
     {{ python }} -m pip install --quiet --require-hashes --no-deps -r requirements.lock
     {{ python }} -m pip install --quiet --no-deps --no-build-isolation -e .
     bash scripts/ensure-chromium.sh
+    bash scripts/ensure-node.sh {{ venv }}
+    cd clients/node && PATH="$PATH:../../{{ bin }}" npm ci --ignore-scripts --no-audit --no-fund --loglevel=error
 
 # Re-resolve pyproject.toml's ranges into requirements.lock (exact versions, hashes; uv)
 lock: _ensure-setup
@@ -33,13 +36,14 @@ release *args: _ensure-setup
 test *args: _ensure-setup
     {{ bin }}/pytest {{ args }}
 
-# Lint Python, SQL and the justfile; check requirements.lock against pyproject.toml
+# Lint Python, SQL, TypeScript (tsc --noEmit) and the justfile; check requirements.lock
 lint: _ensure-setup
     {{ python }} scripts/lock.py --check
     {{ bin }}/ruff check .
     {{ bin }}/ruff format --check .
     cd dbt && ../{{ bin }}/sqlfluff lint . ../jobs/migrations
     {{ just_executable() }} --fmt --check
+    cd clients/node && PATH="$PATH:../../{{ bin }}" npx tsc --noEmit -p tsconfig.json
 
 # Format Python, SQL and the justfile
 fmt: _ensure-setup
