@@ -10,16 +10,9 @@ clipped to the first/last knot's value outside them, which is ``numpy.interp``::
 
     aiRating = interp(raw, x, y)      # x strictly increasing, y non-decreasing, 0 <= y <= 5
 
-    // TypeScript
-    function apply(x: number[], y: number[], raw: number): number {
-      if (raw <= x[0]) return y[0];
-      const last = x.length - 1;
-      if (raw >= x[last]) return y[last];
-      let i = 1;
-      while (x[i] < raw) i++;
-      const t = (raw - x[i - 1]) / (x[i] - x[i - 1]);
-      return y[i - 1] + t * (y[i] - y[i - 1]);
-    }
+The Node scorer's ``applyCalibration`` (clients/node/src/aiScoring.ts) is numpy.interp
+operation for operation (the same interval search, slope and formula), so both runtimes give
+the same double; its tests compare them on a grid that includes both ends.
 
 That equals ``IsotonicRegression.predict`` (it interpolates linearly between the same
 thresholds and clips inputs to their range).

@@ -291,8 +291,11 @@ def check_graph(model: onnx.ModelProto) -> None:
         raise InputError(f"the exported graph's interface is {spec}, expected {expected}")
 
 
-def preprocessing_spec(short_side: int, size: int) -> dict[str, Any]:
-    """What a client does and what the graph does (recorded in the file and the model card)."""
+def preprocessing_spec(
+    short_side: int, size: int, max_pixels: int, formats: tuple[str, ...] | list[str]
+) -> dict[str, Any]:
+    """What a client does and what the graph does (recorded in the file and the model card);
+    ``max_pixels`` and ``formats``: the decode limits the client applies (``cache.*``)."""
     resize = {
         "onnx": "Resize opset 18: mode=linear, antialias=1, exclude_outside=1, "
         "coordinate_transformation_mode=half_pixel",
@@ -303,6 +306,8 @@ def preprocessing_spec(short_side: int, size: int) -> dict[str, Any]:
         "client": "decode only: jobs.images.load_image (EXIF orientation applied, any mode to "
         "RGB uint8, transparency composited on (255, 255, 255), first frame of animations); "
         "feed the full frame as uint8 NHWC, do not resize",
+        "max_pixels": int(max_pixels),
+        "formats": list(formats),
         "in_graph": True,
         "steps": [
             {"op": "cast", "to": "float32 NCHW, 0..255"},
@@ -505,6 +510,7 @@ def export_key(
         "manifests": {k: sha256_file(p) for k, p in sorted(manifests.items())},
         "good_threshold": cfg.dataset.good_threshold,
         "short_side": short_side,
+        "decode_limits": [cfg.cache.max_pixels, list(cfg.cache.formats)],  # in the metadata
         "tolerance": TOLERANCE_RAW,
     }
     blob = json.dumps(parts, sort_keys=True, separators=(",", ":"))
@@ -676,7 +682,8 @@ def _export_and_check(
     clock.lap("simplify_s")
     if graph_hook is not None:
         graph_hook(graph)
-    set_metadata(graph, the_run, target, short_side, size, knots, threshold, ckpt_sha)
+    preprocessing = preprocessing_spec(short_side, size, cfg.cache.max_pixels, cfg.cache.formats)
+    set_metadata(graph, the_run, target, preprocessing, knots, threshold, ckpt_sha)
     model_bytes = graph.SerializeToString()
 
     session = ort_session(model_bytes, threads)
@@ -749,7 +756,7 @@ def _export_and_check(
         "raw_score": RAW_SCORE_MEANING[target],
         "score_mapping": train_model.SCORE_MAPPING[target],
         "io": io_spec(graph),
-        "preprocessing": preprocessing_spec(short_side, size),
+        "preprocessing": preprocessing,
         "simplified": simplified,
         "parity": parity | {"gate": {k: v for k, v in gate.items() if k != "nearest"}},
         "original_vs_training_copy": orig_vs_copy,
@@ -793,8 +800,7 @@ def set_metadata(
     graph: onnx.ModelProto,
     the_run: runs.Run,
     target: str,
-    short_side: int,
-    size: int,
+    preprocessing: dict[str, Any],
     knots: dict[str, Any],
     threshold: float,
     ckpt_sha: str,
@@ -811,7 +817,7 @@ def set_metadata(
             "target": target,
             "raw_score": RAW_SCORE_MEANING[target],
             "score_mapping": SCORE_MAPPING[target],
-            "preprocessing": json.dumps(preprocessing_spec(short_side, size), sort_keys=True),
+            "preprocessing": json.dumps(preprocessing, sort_keys=True),
             "input_names": json.dumps([INPUT_NAME]),
             "output_names": json.dumps([OUTPUT_NAME]),
             "io": json.dumps(io_spec(graph), sort_keys=True),
