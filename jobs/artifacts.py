@@ -26,6 +26,7 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from jobs.errors import InputError
 
@@ -235,3 +236,19 @@ def verify_sha256(path: str | Path, expected: str) -> None:
         raise InputError(
             f"{path}: sha256 {actual} does not match the recorded {expected}; refusing to load"
         )
+
+
+def atomic_write_parquet(table: Any, final: str | Path) -> None:
+    """``table`` (a pyarrow Table) as Parquet at ``final``, atomically: written to a temp name,
+    its footer read back and its row count checked, then renamed."""
+    import pyarrow.parquet as pq
+
+    final = Path(final)
+
+    def check(p: Path) -> None:
+        meta = pq.read_metadata(p)  # a footerless file raises here
+        if meta.num_rows != table.num_rows:
+            raise InputError(f"{final}: wrote {meta.num_rows} rows, expected {table.num_rows}")
+
+    with atomic_path(final, check=check) as tmp:
+        pq.write_table(table, tmp)

@@ -47,6 +47,7 @@ from jobs import db, paths, provenance, runs
 from jobs.artifacts import (
     FOREIGN_TEMP_AGE_S,
     atomic_path,
+    atomic_write_parquet,
     sha256_file,
     sweep_temp,
     temp_path_for,
@@ -834,18 +835,6 @@ async def cache_urls(
 # ---- shard results and the merge --------------------------------------------------------------
 
 
-def _write_parquet(table: pa.Table, final: Path) -> None:
-    import pyarrow.parquet as pq
-
-    def check(p: Path) -> None:
-        meta = pq.read_metadata(p)  # a footerless file raises here
-        if meta.num_rows != table.num_rows:
-            raise InputError(f"{final}: wrote {meta.num_rows} rows, expected {table.num_rows}")
-
-    with atomic_path(final, check=check) as tmp:
-        pq.write_table(table, tmp)
-
-
 def _complete_shard_set(cfg: Config, run: runs.Run) -> list[Path]:
     directory = paths.of(cfg).run(run.model_version).shard_dir
     by_count: dict[int, dict[int, Path]] = {}
@@ -970,7 +959,7 @@ def merge_shards(
     failures = failures.take(pc.sort_indices(failures, [("snapshot_id", "ascending")]))
     run_paths = paths.of(cfg).run(run.model_version)
     failures_path = run_paths.failures
-    _write_parquet(failures, failures_path)
+    atomic_write_parquet(failures, failures_path)
 
     total = sum(c["rows"] for c in counts.values())
     failed = failures.num_rows
@@ -1000,7 +989,7 @@ def merge_shards(
     for split, path in paths.of(cfg).run(run.model_version).active_manifests.items():
         # one split's active manifest in memory at a time
         active = _active_manifest(manifests[split], results, *found.pop(split), short)
-        _write_parquet(active, path)
+        atomic_write_parquet(active, path)
         # what training verifies each file against (and a re-run of this step, to trust it)
         active_files[path.name] = {"rows": active.num_rows, "sha256": sha256_file(path)}
         del active

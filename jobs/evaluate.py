@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from jobs import calibration, db, logs, metrics, paths, report, runs
-from jobs.artifacts import atomic_write_text, sha256_file
+from jobs.artifacts import atomic_write_parquet, atomic_write_text, sha256_file
 from jobs.errors import InputError
 from jobs.metrics import INSUFFICIENT, OK
 
@@ -149,8 +149,13 @@ def production_version(cfg: Config, conn: psycopg.Connection) -> tuple[str | Non
 
 # Bump when the evaluation itself changes (metrics, report): older results are then redone.
 # 2: intervals from scipy.stats.bootstrap, report from the Jinja2 templates.
-# 3: the calibration is fitted here (val split); the capture gate measured on aiRating.
+# 3: the calibration is fitted here (val split); the capture gate measured on aiRating;
+#    each test row's prediction in predictions.parquet.
 EVALUATION_FORMAT = 3
+
+# The test manifest's columns copied into predictions.parquet beside the predictions.
+PREDICTION_CONTEXT = ("snapshot_id", "webcam_id", "phase", "captured_at", "region", "source",
+                      "rating_count", "label_source")  # fmt: skip
 
 
 def evaluation_key(
@@ -196,6 +201,7 @@ def already_evaluated(
     for path, sha_key in (
         (run_paths.metrics, "metrics_sha256"),
         (run_paths.report, "report_sha256"),
+        (run_paths.predictions, "predictions_sha256"),
     ):
         if not path.is_file():
             return None, f"{path} is missing"
@@ -336,6 +342,9 @@ def run(cfg: Config, run: str | int = "latest") -> dict[str, Any]:
             run_paths.metrics, json.dumps(result, indent=2, sort_keys=True, allow_nan=False)
         )
         atomic_write_text(run_paths.report, page)
+        atomic_write_parquet(
+            predictions_table(test_table, y, raw, s, ai, version), run_paths.predictions
+        )
 
         rows = evaluation_rows(result)
         summary = summary_of(result, run_paths.metrics, run_paths.report, len(rows))
@@ -344,6 +353,8 @@ def run(cfg: Config, run: str | int = "latest") -> dict[str, Any]:
             "evaluation_key": key,
             "metrics_sha256": sha256_file(run_paths.metrics),
             "report_sha256": sha256_file(run_paths.report),
+            "predictions_parquet": str(run_paths.predictions),
+            "predictions_sha256": sha256_file(run_paths.predictions),
         }
         with db.connect(cfg) as conn, conn.transaction():
             db.check_locks()  # set_status checks again right before the final update
@@ -360,6 +371,30 @@ def run(cfg: Config, run: str | int = "latest") -> dict[str, Any]:
             report=str(run_paths.report),
         )
         return summary
+
+
+def predictions_table(
+    test_table: dict[str, list[Any]],
+    y: np.ndarray,
+    raw: np.ndarray,
+    s: np.ndarray,
+    ai: np.ndarray,
+    version: str,
+) -> Any:
+    """predictions.parquet: one row per test row, so any figure of the report can be
+    recomputed and a later version compared row by row: the label, the raw score, the model's
+    own 0..5 score, the calibrated aiRating, and the slice columns the manifest has."""
+    import pyarrow as pa
+
+    columns: dict[str, Any] = {k: test_table[k] for k in PREDICTION_CONTEXT if k in test_table}
+    columns |= {
+        "model_version": [version] * len(y),
+        "label_value": y.tolist(),
+        "raw_score": raw.tolist(),
+        "score": s.tolist(),
+        "ai_rating": np.asarray(ai, dtype=np.float64).tolist(),
+    }
+    return pa.table(columns)
 
 
 GATE_METRICS = ("precision", "recall", "f1", "mae", "bias")

@@ -131,6 +131,10 @@ class RunPaths:
         return self.root / "metrics.json"
 
     @property
+    def predictions(self) -> Path:
+        return self.root / "predictions.parquet"
+
+    @property
     def report(self) -> Path:
         return self.root / "report.html"
 

@@ -15,6 +15,7 @@ from train_fixtures import FAST, make_world, run_status
 
 import jobs.train
 from jobs import calibration, db, evaluate, paths
+from jobs.artifacts import sha256_file
 from jobs.errors import InputError, TransientError
 from jobs.runs import table
 
@@ -89,6 +90,15 @@ def test_evaluate_job_end_to_end(make_cfg):
         if m["status"] == "ok":
             assert m["ci_low"] <= m["value"] <= m["ci_high"]
     assert sum(c["n"] for c in metrics["calibration_after"]) == 45
+    # each test row's prediction is kept: the report's numbers recompute from it
+    pred = pq.read_table(run_paths.predictions).to_pydict()
+    assert pred["snapshot_id"] == test["snapshot_id"] and len(pred["ai_rating"]) == 45
+    assert np.allclose(pred["raw_score"], raw) and np.allclose(pred["ai_rating"], ai)
+    assert {"phase", "captured_at", "region", "source", "label_value", "score"} <= set(pred)
+    assert allm["mae"]["value"] == pytest.approx(
+        float(np.mean(np.abs(np.asarray(pred["score"]) - np.asarray(pred["label_value"]))))
+    )
+    assert out["predictions_sha256"] == sha256_file(run_paths.predictions)
     html = run_paths.report.read_text()
     assert html.count("data:image/png;base64,") == 5
     assert 'src="http' not in html and "<script" not in html
@@ -205,6 +215,11 @@ def test_already_evaluated_is_checked_against_its_files_rows_and_inputs(make_cfg
     run_paths.metrics.write_text(metrics.replace('"n": ', '"n": 1'))
     assert evaluate.run(cfg)["status"] == "evaluated"
     assert run_paths.metrics.read_text() == metrics  # the seeded numbers, rewritten
+
+    predictions = run_paths.predictions.read_bytes()
+    run_paths.predictions.unlink()
+    assert evaluate.run(cfg)["status"] == "evaluated"
+    assert run_paths.predictions.read_bytes() == predictions
 
     with db.connect(cfg) as conn:
         conn.execute(
