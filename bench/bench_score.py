@@ -82,9 +82,7 @@ def main() -> None:
 
     def decode_all(pool: concurrent.futures.Executor) -> list[np.ndarray]:
         return list(
-            pool.map(
-                lambda b: np.asarray(load_image(b, max_pixels=cfg.cache.max_pixels)), blobs
-            )
+            pool.map(lambda b: np.asarray(load_image(b, max_pixels=cfg.cache.max_pixels)), blobs)
         )
 
     with concurrent.futures.ThreadPoolExecutor(decode_threads) as pool:
