@@ -196,6 +196,23 @@ class ScoreConfig(_Section):
     since_hours: float = Field(24.0, gt=0, le=24 * 3650)
 
 
+class ReviewConfig(_Section):
+    """`airatings review` (jobs/review.py). Not part of the config hash."""
+
+    top_n: int = Field(20, ge=0, le=10_000)  # the largest |aiRating - label|
+    boundary_low: float = Field(3.7, ge=0, le=5)  # the band around the capture threshold
+    boundary_high: float = Field(4.3, ge=0, le=5)
+    boundary_n: int = Field(10, ge=0, le=10_000)  # a seeded random sample from the band
+    holdout_n: int = Field(5, ge=0, le=10_000)  # random never-reviewed snapshots
+    seed: int = Field(11, ge=0)
+
+    @model_validator(mode="after")
+    def _band(self) -> ReviewConfig:
+        if self.boundary_low > self.boundary_high:
+            raise ValueError("boundary_low must not exceed boundary_high")
+        return self
+
+
 class DemoConfig(_Section):
     snapshots: int = Field(3000, ge=10, le=10_000_000)
     seed: int = Field(42, ge=0)
@@ -243,6 +260,7 @@ class Config(BaseModel):
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     score: ScoreConfig = ScoreConfig()
+    review: ReviewConfig = ReviewConfig()
     demo: DemoConfig = DemoConfig()
 
     # Where the config came from (not hashed, not validated from YAML).
@@ -252,8 +270,10 @@ class Config(BaseModel):
     @property
     def hashed_view(self) -> dict[str, Any]:
         """What defines a run: everything but machine-local paths, the database location and
-        how a registered model is applied (``score``)."""
-        return self.model_dump(mode="json", exclude={"paths", "database", "score", "source"})
+        how a registered model is applied and reviewed (``score``, ``review``)."""
+        return self.model_dump(
+            mode="json", exclude={"paths", "database", "score", "review", "source"}
+        )
 
     @property
     def config_hash(self) -> str:
@@ -294,6 +314,8 @@ class Config(BaseModel):
             "split_test": d.split_ratios.test,
             "group_key": d.group_key,
             "allowed_url_schemes": list(d.allowed_url_schemes),
+            # the review report's slices, like the evaluation's
+            "review_min_slice_size": self.evaluate.min_slice_size,
         }
 
     def to_yaml(self) -> str:

@@ -91,6 +91,7 @@ def checked_vars(cfg: Config) -> dict[str, Any]:
     for key, origin in (
         ("min_rating_count", "dataset.min_rating_count"),
         ("split_seed", "dataset.split_seed"),
+        ("review_min_slice_size", "evaluate.min_slice_size"),
     ):
         if not isinstance(v[key], int) or isinstance(v[key], bool):
             raise ConfigError(f"{origin}: {v[key]!r} is not an integer")

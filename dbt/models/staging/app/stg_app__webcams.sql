@@ -10,6 +10,7 @@ renamed as (
         name::text as webcam_name,
         region::text as region,
         source::text as source,
+        timezone::text as timezone,
         ai_rating::double precision as ai_rating,
         ai_model_version::text as ai_model_version
     from source
