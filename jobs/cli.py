@@ -18,7 +18,7 @@ from typing import Annotated, Any
 
 import typer
 
-from jobs.errors import EXIT_TRANSIENT, JobError, NotBuiltError, Terminated
+from jobs.errors import EXIT_TRANSIENT, JobError, Terminated
 
 app = typer.Typer(
     help="ai-ratings: people's ratings of webcam snapshots -> a better ONNX model, reproducibly.",
@@ -39,6 +39,11 @@ models_app = typer.Typer(
 app.add_typer(demo_app, name="demo")
 app.add_typer(weights_app, name="weights")
 app.add_typer(models_app, name="models")
+review_app = typer.Typer(
+    help="The evaluation loop: disagreement report and review set, relabel import, history.",
+    no_args_is_help=True,
+)
+app.add_typer(review_app, name="review")
 
 # No default here (None), so that load_config can fall back to $AIR_CONFIG, then the baseline.
 ConfigOpt = Annotated[
@@ -55,13 +60,6 @@ RunOpt = Annotated[
     str, typer.Option("--run", help="Training run: 'latest', an id or a model version.")
 ]
 DEFAULT_CONFIG: Path | None = None  # jobs.config.load_config: $AIR_CONFIG, else the baseline
-
-
-def _not_built(job: str) -> Callable[..., dict[str, Any]]:
-    def refuse(cfg: Any, **kwargs: Any) -> dict[str, Any]:
-        raise NotBuiltError(f"'{job}' is not built yet in this version")
-
-    return refuse
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
@@ -472,10 +470,46 @@ def score(
     )
 
 
-@app.command("review")
-def review(config: ConfigOpt = DEFAULT_CONFIG, json_: JsonOpt = False) -> None:
-    """Disagreement report, review set and relabel import (issue [9/11])."""
-    run_job("review", _not_built("review"), config, json_)
+@review_app.command("report")
+def review_report(
+    config: ConfigOpt = DEFAULT_CONFIG,
+    json_: JsonOpt = False,
+    model_version: Annotated[
+        str | None, typer.Option(help="Registered version (default: production).")
+    ] = None,
+    cycle: Annotated[str | None, typer.Option(help="Cycle name (default: today, UTC).")] = None,
+) -> None:
+    """This cycle's disagreement metrics, review set and review page."""
+    from jobs import review
+
+    run_job("review", review.report_job, config, json_, model_version=model_version, cycle=cycle)
+
+
+@review_app.command("import")
+def review_import(
+    file: Annotated[Path, typer.Argument(help="The review CSV (the page's export).")],
+    config: ConfigOpt = DEFAULT_CONFIG,
+    json_: JsonOpt = False,
+) -> None:
+    """Validate a review CSV whole and import its labels into manual_relabels."""
+    from jobs import review
+
+    run_job("review", review.import_job, config, json_, file=file)
+
+
+@review_app.command("history")
+def review_history(
+    config: ConfigOpt = DEFAULT_CONFIG,
+    json_: JsonOpt = False,
+    compare: Annotated[
+        tuple[str, str] | None, typer.Option(help="NEW OLD: the paired comparison of two versions.")
+    ] = None,
+    slices: Annotated[bool, typer.Option("--slices", help="Per slice too.")] = False,
+) -> None:
+    """Metrics per version over the review cycles, a PNG chart, and improved/regressed."""
+    from jobs import review
+
+    run_job("review", review.history_job, config, json_, compare=compare, slices=slices)
 
 
 @weights_app.command("pull")

@@ -26,10 +26,6 @@ class InputError(JobError):
     """The data or arguments are wrong: retrying the same job will fail the same way."""
 
 
-class NotBuiltError(JobError):
-    """A lifecycle job that this version does not implement yet."""
-
-
 class TransientError(JobError):
     """Something outside us failed in a way that may pass (network, DB restart, SIGTERM)."""
 

@@ -556,14 +556,15 @@ def write_rows(conn: psycopg.Connection, cfg: Config, the_run: runs.Run, rows: l
     t = runs.table(cfg, "model_evaluations")
     conn.execute(
         sql.SQL(
-            "delete from {} where model_version = %s and split = %s and not (slice || '|' || metric = any(%s))"
+            "delete from {} where model_version = %s and split = %s and cycle = ''"
+            " and not (slice || '|' || metric = any(%s))"
         ).format(t),
         (the_run.model_version, SPLIT, [f"{r[0]}|{r[1]}" for r in rows]),
     )
     q = sql.SQL(
         "insert into {} (model_version, training_run_id, dataset_hash, split, slice, metric, value, status, n,"
         " ci_low, ci_high) values (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
-        " on conflict (model_version, split, slice, metric) do update set"
+        " on conflict (model_version, split, slice, metric, cycle) do update set"
         " training_run_id = excluded.training_run_id, dataset_hash = excluded.dataset_hash,"
         " value = excluded.value, status = excluded.status, n = excluded.n, ci_low = excluded.ci_low,"
         " ci_high = excluded.ci_high, updated_at = now()"

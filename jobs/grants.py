@@ -11,7 +11,8 @@ The roles (migration 0050, NOLOGIN; an operator grants them to login users):
   registry and the image index; inserts ``snapshot_ai_inferences`` rows; may update only
   ``webcams.ai_rating`` and ``webcams.ai_model_version`` (a column grant, no table-level
   UPDATE); records its failures in ``score_failures``.
-- ``airatings_review``: reads everything; writes relabels (``manual_relabels``).
+- ``airatings_review``: reads everything; writes relabels (``manual_relabels``), its review
+  cycles, items and imports, and its cycles' rows in ``model_evaluations``.
 
 Here, on the app's schema (``database.app_schema``), when its tables exist (the demo creates
 them after the first migrate; the next migrate, which every release starts with, grants):
@@ -94,7 +95,12 @@ def apply(cfg: Config, conn: psycopg.Connection) -> dict[str, Any]:
             grant("grant usage, select on all sequences in schema {m} to {role}", role, m=m)
         grant("grant usage on schema {m} to {role}", "airatings_review", m=m)
         grant("grant select on all tables in schema {m} to {role}", "airatings_review", m=m)
-        grant("grant insert, update on {m}.manual_relabels to {role}", "airatings_review", m=m)
+        grant(
+            "grant insert, update on {m}.manual_relabels, {m}.review_cycles, {m}.review_items,"
+            " {m}.review_imports, {m}.model_evaluations to {role}",
+            "airatings_review",
+            m=m,
+        )
         grant(
             "grant usage, select on all sequences in schema {m} to {role}", "airatings_review", m=m
         )

@@ -150,6 +150,25 @@ class RunPaths:
 
 
 @dataclass(frozen=True)
+class ReviewPaths:
+    """``review/<cycle>/<version>/``: what one review cycle froze and produced."""
+
+    root: Path
+
+    @property
+    def disagreements(self) -> Path:
+        return self.root / "disagreements.parquet"
+
+    @property
+    def slices(self) -> Path:
+        return self.root / "slices.parquet"
+
+    @property
+    def page(self) -> Path:
+        return self.root / "review.html"
+
+
+@dataclass(frozen=True)
 class ModelPaths:
     root: Path
 
@@ -202,6 +221,17 @@ class Paths:
 
     def model(self, model_version: str) -> ModelPaths:
         return ModelPaths(self.models_dir / model_version)
+
+    @property
+    def review_dir(self) -> Path:
+        return self.artifacts_dir / "review"
+
+    def review(self, cycle: str, model_version: str) -> ReviewPaths:
+        return ReviewPaths(self.review_dir / cycle / model_version)
+
+    @property
+    def review_history_png(self) -> Path:
+        return self.review_dir / "history.png"
 
     # ---- machine-local state
     @property

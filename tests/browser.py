@@ -40,7 +40,20 @@ f.addEventListener('load', () => {
       broken: imgs.filter(i => !(i.naturalWidth > 0)).map(i => i.alt || i.src.slice(0, 60)),
       tables: d.querySelectorAll('table').length,
       text_length: d.body.innerText.length,
+      // review pages: the cards, their decoded thumbnails, the CSV export after filling in
+      // the first card, and what the page itself caught going wrong
+      cards: d.querySelectorAll('.card').length,
+      card_images: [...d.querySelectorAll('.card img')].filter(i => i.naturalWidth > 0).length,
+      csv: null,
+      errors: (f.contentWindow.__pageErrors || []).slice(),
     };
+    if (typeof f.contentWindow.reviewCsv === 'function') {
+      const first = d.querySelector('.card input.label');
+      if (first) { first.value = '3.5'; d.querySelector('.card input.note').value = 'a, "quoted" note'; }
+      const who = d.getElementById('reviewer');
+      if (who) who.value = 'tester';
+      try { out.csv = f.contentWindow.reviewCsv(); } catch (e) { out.errors.push(String(e)); }
+    }
     document.getElementById('out').textContent = 'RESULT' + JSON.stringify(out) + 'END';
   });
 });
