@@ -244,7 +244,8 @@ def demo(cfg: Config, promote: bool = True) -> dict[str, Any]:
     """`airatings demo run` (what `just demo` runs): the synthetic world seeded into the app's
     tables (embedded PostgreSQL unless DATABASE_URL is set), a release of it and, once a
     version is promoted, a scoring pass over the rated snapshots (`airatings score
-    --backfill`). Running it again reseeds the same world and every step finds its work done."""
+    --backfill`), the review report (page and review set) and the history. Running it again
+    reseeds the same world and every step finds its work done."""
     from jobs.demo import seed
 
     started = time.monotonic()
@@ -272,6 +273,22 @@ def demo(cfg: Config, promote: bool = True) -> dict[str, Any]:
                 "webcams_updated",
                 "images_per_s",
             )
+        }
+        # and the evaluation loop's nightly report: this cycle's disagreements, the review
+        # set and its page, then the metrics per version over the cycles
+        from jobs import review
+
+        reviewed = review.report_job(cfg)
+        released["steps"]["review"] = _brief(reviewed)
+        released["review"] = {
+            k: reviewed.get(k)
+            for k in ("cycle", "n", "mae", "disagreement_rate", "review_items", "page")
+        }
+        history = review.history_job(cfg)
+        released["history"] = {
+            "cycles": history["cycles"],
+            "chart": history["chart"],
+            "comparison": history["comparison"],
         }
     released["seconds"] = round(time.monotonic() - started, 2)
     return released

@@ -203,3 +203,103 @@ def test_demo_lifecycle_on_a_small_world(make_cfg):
         provenance.run(cfg, version, snapshot=excluded)["snapshot"]["exclusion_reason"]
         == (failures[0]["reason"])
     )
+
+    _review_loop(make_cfg, cfg, out, version)
+
+
+def _review_loop(make_cfg, cfg, out, v1):
+    """The evaluation loop (issue [9/11]) on the demo world: the demo ended with a review
+    report (page, review set) and a history; a simulated review is imported; the next export
+    carries exactly those labels; a second version is scored and reviewed; the history shows
+    both with a verdict."""
+    import csv
+    import io
+    import shutil
+
+    from browser import inspect_page
+
+    from jobs import review
+
+    rv = out["review"]
+    assert rv["n"] > 0 and rv["review_items"] > 0
+    page = Path(rv["page"])
+    shot_dir = Path(__file__).resolve().parents[1] / ".data" / "test-artifacts"
+    shot_dir.mkdir(parents=True, exist_ok=True)
+    seen = inspect_page(page, screenshot=shot_dir / "review-page.png")
+    assert seen["errors"] == [], seen["errors"]
+    assert seen["cards"] == rv["review_items"]
+    with db.connect(cfg) as conn:
+        (cached,) = conn.execute(
+            "select count(*) from airatings.review_items i join public.webcam_snapshots s"
+            " on s.id = i.snapshot_id join airatings.image_cache c on c.url = s.firebase_url"
+            " where i.model_version = %s",
+            (v1,),
+        ).fetchone()
+    assert seen["card_images"] == cached > 0  # every cached thumbnail decodes
+    assert seen["decoded"] == seen["images"]  # the calibration plot too
+    lines = list(csv.reader(io.StringIO(seen["csv"])))
+    assert lines[0] == list(review.CSV_COLUMNS)
+    assert len(lines) == 2 and lines[1][1:3] == ["3.5", "tester"]
+    assert lines[1][5] == 'a, "quoted" note'
+    assert (shot_dir / "review-page.png").stat().st_size > 0
+    assert out["history"]["cycles"][0]["model_version"] == v1
+
+    # a re-run of the report reproduces the same numbers and set from the frozen rows
+    again = review.report_job(cfg)
+    assert again["status"] == "already_reported"
+    assert again["items_sha256"] and again["mae"] == rv["mae"]
+
+    # the reviewer's CSV: the top disagreements get the model's rating (the label was wrong)
+    with db.connect(cfg) as conn:
+        items = conn.execute(
+            "select snapshot_id, ai_rating from airatings.review_items"
+            " where model_version = %s and reason = 'top_disagreement' order by item_rank limit 5",
+            (v1,),
+        ).fetchall()
+    f = cfg.data_dir / "review.csv"
+    f.write_text(
+        "snapshot_id,label,reviewer\n"
+        + "".join(f"{sid},{round(ai * 2) / 2},tester\n" for sid, ai in items)
+    )
+    imported = review.import_job(cfg, f)
+    assert imported["status"] == "imported" and imported["rows"] == len(items)
+    assert imported["accounting"]["flagged_label_errors"] == len(items)
+    relabelled = {sid: round(ai * 2) / 2 for sid, ai in items}
+
+    # the next release: its export reads those labels (label precedence), one epoch of training
+    cfg2 = make_cfg(
+        DEMO,
+        **{**FAST, "train__epochs": 1},
+        demo__snapshots=400,
+        demo__image_width=160,
+        demo__image_height=90,
+        dataset__min_rating_count=1,
+        evaluate__min_test_rows=10,
+        evaluate__bootstrap_samples=100,
+    )
+    second = release.run(cfg2, new=True)
+    v2 = second["model_version"]
+    assert v2 != v1 and second["run_status"] == "registered"
+    with db.connect(cfg) as conn:
+        manual = dict(
+            conn.execute(
+                "select l.snapshot_id, l.label_value from airatings.model_training_snapshot_labels l"
+                " join airatings.model_training_runs r on r.id = l.training_run_id"
+                " where r.model_version = %s and l.label_source = 'manual_review'",
+                (v2,),
+            ).fetchall()
+        )
+    assert manual == relabelled
+
+    # the second version scored and reviewed; the history shows both with a verdict
+    assert score.run(cfg2, model=v2, backfill=True)["scored"] > 0
+    r2 = review.report_job(cfg2, model_version=v2)
+    assert r2["status"] == "reported" and r2["n"] > 0
+    hist = review.history_job(cfg2, compare=(v2, v1))
+    assert set(hist["versions"]) == {v1, v2}
+    cmp = hist["comparison"]
+    assert cmp["new"] == v2 and cmp["old"] == v1 and cmp["n"] > 0
+    assert cmp["verdict"] in {"improved", "regressed", "no detectable change"}
+    assert cmp["ci"][0] <= cmp["mae_diff"] <= cmp["ci"][1]
+    assert Path(hist["chart"]).stat().st_size > 0
+    shutil.copy(hist["chart"], shot_dir / "review-history.png")
