@@ -17,7 +17,7 @@ alter table model_evaluations
 add constraint model_evaluations_key unique (model_version, split, slice, metric, cycle);
 
 create table review_cycles (
-    cycle text not null,
+    cycle text not null,  -- noqa: RF04
     model_version text not null references model_training_runs (model_version),
     data_path text not null,
     data_sha256 text not null,
@@ -35,7 +35,7 @@ comment on table review_cycles is
 'One review cycle per model version: the frozen data it used (sha256) and its review set.';
 
 create table review_items (
-    cycle text not null,
+    cycle text not null,  -- noqa: RF04
     model_version text not null,
     snapshot_id bigint not null,
     reason text not null,  -- noqa: RF04
