@@ -35,7 +35,8 @@ nearer the model's aiRating than the old one).
 table and ``review/history.png``; for two versions (``--compare A B``, default production
 and the version scored before it) the paired bootstrap of the MAE difference on the
 snapshots both scored, with the same labels: "improved", "regressed" or "no detectable
-change", with the interval.
+change", with the interval; and how much of it comes from corrected labels (the old
+model's inferences against the labels of its last cycle and against today's).
 """
 
 from __future__ import annotations
@@ -748,15 +749,21 @@ def compare_versions(cfg: Config, new: str, old: str) -> dict[str, Any]:
     """Paired bootstrap of MAE(new) - MAE(old) on the snapshots both scored, the same labels."""
     with db.connect(cfg, autocommit=True) as conn:
         rows = conn.execute(
-            _sql("select a.label_value, a.ai_rating, b.ai_rating from {} a join {} b"
+            _sql("select a.label_value, a.ai_rating, b.ai_rating, a.snapshot_id from {} a join {} b"
                  " on b.snapshot_id = a.snapshot_id and b.model_version = %s"
                  " where a.model_version = %s order by a.snapshot_id",
                  _dbt(cfg, "fct_disagreements"), _dbt(cfg, "fct_disagreements")),
             (old, new),
         ).fetchall()  # fmt: skip
+        old_cycle = conn.execute(
+            _sql("select data_path, data_sha256 from {} where model_version = %s"
+                 " order by created_at desc limit 1", _t(cfg, "review_cycles")),
+            (old,),
+        ).fetchone()  # fmt: skip
     y = np.array([r[0] for r in rows], dtype=np.float64)
     s_new = np.array([r[1] for r in rows], dtype=np.float64)
     s_old = np.array([r[2] for r in rows], dtype=np.float64)
+    labels = _label_effect(cfg, old_cycle, [r[3] for r in rows], y, s_old)
     e = cfg.evaluate
     cmp = metrics.comparison(y, s_new, s_old, min_rows=e.min_test_rows, samples=e.bootstrap_samples,
                              level=e.ci_level, seed=e.seed, key=f"history|{new}|{old}")  # fmt: skip
@@ -764,7 +771,37 @@ def compare_versions(cfg: Config, new: str, old: str) -> dict[str, Any]:
     return {"new": new, "old": old, "n": len(y), "verdict": verdict,
             "mae_new": float(np.mean(np.abs(s_new - y))) if len(y) else None,
             "mae_old": float(np.mean(np.abs(s_old - y))) if len(y) else None,
-            "mae_diff": cmp.get("mae_diff"), "ci": [cmp.get("ci_low"), cmp.get("ci_high")]}  # fmt: skip
+            "mae_diff": cmp.get("mae_diff"), "ci": [cmp.get("ci_low"), cmp.get("ci_high")],
+            "labels": labels}  # fmt: skip
+
+
+def _label_effect(
+    cfg: Config, old_cycle: Any, ids: list[int], y_now: np.ndarray, s_old: np.ndarray
+) -> dict[str, Any]:
+    """How much of a difference comes from corrected labels: the old model's inferences
+    against the labels of its last review cycle (frozen then) and against today's, on the
+    same snapshots. ``mae_change_from_labels`` < 0: the old model looks better on the
+    corrected labels, i.e. some of its "errors" were label errors."""
+    if old_cycle is None or not ids:
+        return {"status": "no review cycle of the old version to compare labels with"}
+    import pyarrow.parquet as pq
+
+    path = runs.verify_recorded(cfg.artifacts_dir / old_cycle[0], old_cycle[1],
+                                what="frozen disagreements of the old version",
+                                fix="restore it from a backup")  # fmt: skip
+    frozen = pq.read_table(path, columns=["snapshot_id", "label_value"]).to_pydict()
+    then = dict(zip(frozen["snapshot_id"], frozen["label_value"], strict=True))
+    keep = np.array([sid in then for sid in ids])
+    if not keep.any():
+        return {"status": "no snapshot in common with the old version's last cycle"}
+    y_then = np.array([then[sid] for sid in np.asarray(ids)[keep]], dtype=np.float64)
+    now, old = y_now[keep], s_old[keep]
+    changed = int(np.sum(np.abs(now - y_then) > 1e-9))
+    mae_then = float(np.mean(np.abs(old - y_then)))
+    mae_now = float(np.mean(np.abs(old - now)))
+    return {"n": int(keep.sum()), "labels_changed": changed,
+            "old_model_mae_on_cycle_labels": mae_then, "old_model_mae_on_current_labels": mae_now,
+            "mae_change_from_labels": mae_now - mae_then}  # fmt: skip
 
 
 def _history_chart(cfg: Config, rows: list[dict[str, Any]]) -> Path:

@@ -301,5 +301,9 @@ def _review_loop(make_cfg, cfg, out, v1):
     assert cmp["new"] == v2 and cmp["old"] == v1 and cmp["n"] > 0
     assert cmp["verdict"] in {"improved", "regressed", "no detectable change"}
     assert cmp["ci"][0] <= cmp["mae_diff"] <= cmp["ci"][1]
+    # the imported corrections moved the old model's labels toward its own ratings
+    labels = cmp["labels"]
+    assert labels["labels_changed"] >= len(relabelled)  # and the provenance edits above
+    assert labels["mae_change_from_labels"] < 0
     assert Path(hist["chart"]).stat().st_size > 0
     shutil.copy(hist["chart"], shot_dir / "review-history.png")
