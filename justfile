@@ -36,13 +36,14 @@ release *args: _ensure-setup
 test *args: _ensure-setup
     {{ bin }}/pytest {{ args }}
 
-# Lint Python, SQL, TypeScript (tsc --noEmit) and the justfile; check requirements.lock
+# Lint Python, SQL, TypeScript (tsc --noEmit), the Dockerfile and the justfile; check the lock
 lint: _ensure-setup
     {{ python }} scripts/lock.py --check
     {{ bin }}/ruff check .
     {{ bin }}/ruff format --check .
     cd dbt && ../{{ bin }}/sqlfluff lint . ../jobs/migrations
     {{ just_executable() }} --fmt --check
+    {{ bin }}/hadolint docker/Dockerfile
     cd clients/node && PATH="$PATH:../../{{ bin }}" npx tsc --noEmit -p tsconfig.json
 
 # Format Python, SQL and the justfile

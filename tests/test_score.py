@@ -205,14 +205,21 @@ def test_shards_score_each_snapshot_once(world):
     """Two shards and a second copy of one, all at once against one database."""
     procs = []
     env = {**os.environ, **air_env(world.scorer_url, world.tmp, **{**SETTINGS, **OVERRIDES})}
-    for shard in ("0/2", "1/2", "0/2"):
+    # the first two as a Kubernetes Indexed Job runs them (JOB_COMPLETION_INDEX, and the
+    # JOB_COMPLETIONS the manifests set), the third a second copy of shard 0 by --shard
+    for index, args in ((0, []), (1, []), (None, ["--shard", "0/2"])):
+        shard_env = (
+            {"JOB_COMPLETION_INDEX": str(index), "JOB_COMPLETIONS": "2"}
+            if index is not None
+            else {}
+        )
         procs.append(
             subprocess.Popen(
-                [AIRATINGS, "score", "--json", "--model", world.version, "--shard", shard],
+                [AIRATINGS, "score", "--json", "--model", world.version, *args],
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,
-                env=env,
+                env={**env, **shard_env},
             )
         )
     outs = []
