@@ -29,7 +29,9 @@ them after the first migrate; the next migrate, which every release starts with,
   alias history id), then its run id; a version the registry does not know ranks lowest, so
   an older model finishing late never overwrites a newer one, and a rolled-back-to version
   does (its promotion is newer). The webcam rows are locked in id order first, so two scorers
-  of the same version serialise and the later one sees the earlier one's rows.
+  of the same version serialise and the later one sees the earlier one's rows (``for no key
+update``: ``for update`` would conflict with the key-share locks the inference rows' foreign
+key checks hold, and two shards writing for one webcam would deadlock).
 """
 
 from __future__ import annotations
@@ -120,11 +122,11 @@ def apply(cfg: Config, conn: psycopg.Connection) -> dict[str, Any]:
         if conn.execute(
             "select 1 from information_schema.schemata where schema_name = %s", (dbt_schema,)
         ).fetchone():
-            grant(
-                "grant usage, create on schema {d} to {role}",
-                "airatings_export",
-                d=sql.Identifier(dbt_schema),
-            )
+            d = sql.Identifier(dbt_schema)
+            grant("grant usage, create on schema {d} to {role}", "airatings_export", d=d)
+            # review builds its two marts (dbt) and reads them
+            grant("grant usage, create on schema {d} to {role}", "airatings_review", d=d)
+            grant("grant select on all tables in schema {d} to {role}", "airatings_review", d=d)
 
         if not app_tables_present(conn, app):
             log.info(
@@ -234,7 +236,8 @@ declare
 begin
     -- serialise with any other scorer on these webcams (id order: no deadlock); the next
     -- statement then sees what the one before us committed
-    perform 1 from {a}.webcams where id = any(webcam_ids) order by id for update;
+    -- no key update: the inserts' foreign-key checks hold key-share locks on these rows
+    perform 1 from {a}.webcams where id = any(webcam_ids) order by id for no key update;
     with newest as (
         select distinct on (i.webcam_id) i.webcam_id, i.ai_rating
         from {a}.snapshot_ai_inferences i

@@ -157,9 +157,11 @@ def report_job(
                 (cycle, version),
             ).fetchone()  # fmt: skip
         if recorded is None:
-            built = dbt_runner.build(cfg, select=MODELS)
-            log.info("review_models_built", **built["results"])
-            data, slices = _freeze(cfg, version, rp)
+            # build and read under dbt's relations lock: no other build between them
+            with dbt_runner.relations_lock(cfg):
+                built = dbt_runner.build(cfg, select=MODELS, lock=False)
+                log.info("review_models_built", **built["results"])
+                data, slices = _freeze(cfg, version, rp)
             status = "reported"
         else:
             data_sha, slices_sha = recorded[0], recorded[1]
@@ -235,8 +237,10 @@ def _sql(text: str, *parts: Any) -> Any:
 
 
 def _freeze(cfg: Config, version: str, rp: paths.ReviewPaths) -> tuple[Path, Path]:
-    """This version's rows of both dbt models, written under the cycle's folder."""
-    with db.connect(cfg, autocommit=True) as conn:
+    """This version's rows of both dbt models (one snapshot of the database), written under
+    the cycle's folder."""
+    with db.connect(cfg) as conn, conn.transaction():
+        conn.execute("set transaction isolation level repeatable read")
         rows = _rows(
             conn,
             _sql("select * from {} where model_version = %s order by snapshot_id",
@@ -496,8 +500,11 @@ def _snapshot_info(cfg: Config, ids: list[int]) -> dict[int, dict[str, Any]]:
             (ids,),
         ).fetchall()  # fmt: skip
         for sid, value, n in conn.execute(
-            _sql("select snapshot_id, round(rating)::int, count(*) from {}"
-                 " where snapshot_id = any(%s) group by 1, 2", _app(cfg, "webcam_snapshot_ratings")),
+            # one rating per person (their latest), like the labels
+            _sql("select snapshot_id, round(rating)::int, count(*) from (select distinct on"
+                 " (snapshot_id, user_id) snapshot_id, rating from {} where snapshot_id = any(%s)"
+                 " order by snapshot_id, user_id, created_at desc, id desc) r group by 1, 2",
+                 _app(cfg, "webcam_snapshot_ratings")),
             (ids,),
         ):  # fmt: skip
             if 0 <= value <= 5:
@@ -580,15 +587,17 @@ def import_job(cfg: Config, file: Path) -> dict[str, Any]:
                 (wanted,),
             )
         }
-        reviewed = {}
+        # every review item of these snapshots: a row names its cycle and version, or the
+        # latest cycle's single item is meant
+        items_of: dict[int, list[dict[str, Any]]] = {}
         for sid, cycle, version, reason, old, ai in conn.execute(
-            _sql("select distinct on (snapshot_id) snapshot_id, cycle, model_version, reason,"
-                 " label_value, ai_rating from {} where snapshot_id = any(%s)"
-                 " order by snapshot_id, cycle desc", _t(cfg, "review_items")),
+            _sql("select snapshot_id, cycle, model_version, reason, label_value, ai_rating"
+                 " from {} where snapshot_id = any(%s) order by snapshot_id, cycle desc,"
+                 " model_version", _t(cfg, "review_items")),
             (wanted,),
         ):  # fmt: skip
-            reviewed[sid] = {"cycle": cycle, "model_version": version, "reason": reason,
-                             "old": old, "ai": ai}  # fmt: skip
+            items_of.setdefault(sid, []).append({"cycle": cycle, "model_version": version,
+                                                 "reason": reason, "old": old, "ai": ai})  # fmt: skip
     errors: list[str] = []
     accepted: list[dict[str, Any]] = []
     neutralised = 0
@@ -607,8 +616,12 @@ def import_job(cfg: Config, file: Path) -> dict[str, Any]:
         if sid not in existing:
             errors.append(f"line {line}: snapshot {sid} does not exist")
             continue
-        if sid not in reviewed:
+        if sid not in items_of:
             errors.append(f"line {line}: snapshot {sid} was in no review set")
+            continue
+        item, why = _item_for(items_of[sid], r)
+        if item is None:
+            errors.append(f"line {line}: snapshot {sid} {why}")
             continue
         label_text = str(r.get("label") or "").strip()
         try:
@@ -626,14 +639,14 @@ def import_job(cfg: Config, file: Path) -> dict[str, Any]:
         note, n2 = _neutralise(str(r.get("note") or "").strip())
         neutralised += int(n1) + int(n2)
         accepted.append({"snapshot_id": sid, "label": label, "reviewer": reviewer[:200], "note": note[:1000]}
-                        | reviewed[sid])  # fmt: skip
+                        | item)  # fmt: skip
     if errors:
         shown = "; ".join(errors[:20]) + (
             f"; and {len(errors) - 20} more" if len(errors) > 20 else ""
         )
         raise InputError(f"{path}: {len(errors)} bad row(s), nothing imported: {shown}")
     accounting = _accounting(cfg, accepted) | {"neutralised_cells": neutralised}
-    with db.connect(cfg) as conn, conn.transaction():
+    with db.job_lock(cfg, "review-import", wait=True), db.connect(cfg) as conn, conn.transaction():
         (import_id,) = conn.execute(
             _sql("insert into {} (file_sha256, file_name, rows_imported, accounting, imported_by)"
                  " values (%s, %s, %s, %s, %s) on conflict (file_sha256) do nothing returning id",
@@ -659,6 +672,25 @@ def import_job(cfg: Config, file: Path) -> dict[str, Any]:
     log.info("review_imported", rows=len(accepted), import_id=import_id)
     return {"status": "imported", "import_id": import_id, "rows": len(accepted),
             "file_sha256": file_sha, "accounting": accounting}  # fmt: skip
+
+
+def _item_for(
+    items: list[dict[str, Any]], row: dict[str, Any]
+) -> tuple[dict[str, Any] | None, str]:
+    """The review item a CSV row answers: the one its cycle and model_version name, else the
+    latest cycle's, which must then be one item (not several versions' sets)."""
+    cycle = str(row.get("cycle") or "").strip()
+    version = str(row.get("model_version") or "").strip()
+    found = [it for it in items if (not cycle or it["cycle"] == cycle)
+             and (not version or it["model_version"] == version)]  # fmt: skip
+    if not found:
+        return None, f"was in no review set of cycle {cycle or '-'} / version {version or '-'}"
+    latest = [it for it in found if it["cycle"] == found[0]["cycle"]]
+    if len(latest) > 1:
+        versions = ", ".join(it["model_version"] for it in latest)
+        return None, (f"is in the review sets of {versions} in cycle {latest[0]['cycle']}: "
+                      "give cycle and model_version")  # fmt: skip
+    return latest[0], ""
 
 
 def _accounting(cfg: Config, accepted: list[dict[str, Any]]) -> dict[str, Any]:
@@ -720,9 +752,20 @@ def history_job(
     }
     pair = compare
     if pair is None and prod is not None:
-        others = [v for v in versions if v != prod]
+        # production against the version it replaced, when that one was reviewed too
+        with db.connect(cfg, autocommit=True) as conn:
+            before = [
+                r[0]
+                for r in conn.execute(
+                    _sql("select from_version from {} where alias = 'production'"
+                         " and to_version = %s and from_version is not null order by id desc",
+                         _t(cfg, "model_alias_history")),
+                    (prod,),
+                )
+            ]  # fmt: skip
+        others = [v for v in before if v in versions and v != prod]
         if others:
-            pair = (prod, others[-1])
+            pair = (prod, others[0])
     if pair is not None:
         dbt_runner.build(cfg, select=MODELS)
         out["comparison"] = compare_versions(cfg, pair[0], pair[1])

@@ -147,6 +147,7 @@ class Model:
         self.output = card["outputs"][0]["name"]
         self.version = card["model_version"]
         self.knots = card["calibration"]
+        self.card = card
         self.max_batch = max_batch
 
     def raw(self, arrays: list[np.ndarray]) -> np.ndarray:
@@ -167,14 +168,25 @@ class Model:
 # ---- images --------------------------------------------------------------------------------
 
 
-def _decode(cfg: Config, data: bytes) -> np.ndarray | Failure:
+def _decode(limits: tuple[int, tuple[str, ...]], data: bytes) -> np.ndarray | Failure:
+    """``load_image`` under the model's decode limits (max pixels, formats)."""
     from jobs.images import ImageRejected, load_image
 
     try:
-        img = load_image(data, max_pixels=cfg.cache.max_pixels, formats=tuple(cfg.cache.formats))
+        img = load_image(data, max_pixels=limits[0], formats=limits[1])
     except ImageRejected as exc:
         return Failure(exc.reason, str(exc)[:500], transient=False)
     return np.asarray(img, dtype=np.uint8)
+
+
+def decode_limits(cfg: Config, card: dict[str, Any]) -> tuple[int, tuple[str, ...]]:
+    """The card's decode limits (what every scorer of this model applies: the Node scorer
+    reads the same), else the config's for a card that predates them."""
+    pre = card.get("preprocessing") or {}
+    return (
+        int(pre.get("max_pixels") or cfg.cache.max_pixels),
+        tuple(pre.get("formats") or cfg.cache.formats),
+    )
 
 
 async def _fetch_many(cfg: Config, urls: list[str], tmp: Path) -> dict[str, bytes | Failure]:
@@ -501,6 +513,7 @@ def _score_pages(
 ) -> dict[str, Any]:
     """Page through the work; page k+1's images decode while page k is scored and written."""
     log = logs.get_logger()
+    limits = decode_limits(cfg, model.card)
     scored = skipped = gate_passed = webcams_updated = 0
     failed: Counter[str] = Counter()
     busy = 0.0
@@ -521,7 +534,7 @@ def _score_pages(
             remaining -= len(page)
         fetched = images.fetch(page)
         work = {
-            sid: pool.submit(_decode, cfg, got) if isinstance(got, bytes) else got
+            sid: pool.submit(_decode, limits, got) if isinstance(got, bytes) else got
             for sid, got in fetched.items()
         }
         return page, work

@@ -201,7 +201,15 @@ def test_the_runtime_lock_subset_is_complete_and_has_no_torch(tmp_path):
     }
     # onnx: the scorer's registry check parses model.onnx (found by running score in the
     # runtime image, which lacked it)
-    assert {"onnxruntime", "onnx", "psycopg", "dbt-core", "duckdb", "aiohttp", "setuptools"} <= names
+    assert {
+        "onnxruntime",
+        "onnx",
+        "psycopg",
+        "dbt-core",
+        "duckdb",
+        "aiohttp",
+        "setuptools",
+    } <= names
     assert not names & {"torch", "torchvision", "onnxsim", "ruff", "pytest"}
     lock = tmp_path / "runtime.lock"
     lock.write_text(out)

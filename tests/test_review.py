@@ -185,3 +185,44 @@ def test_the_review_role_may_write_relabels_and_read_the_app(world):
             f"{app}.webcam_snapshots",
         )
     assert json.dumps(review.CSV_COLUMNS)
+
+
+def test_a_snapshot_in_two_versions_sets_needs_the_version(world, tmp_path):
+    """Snapshot 2 is also in another version's set of the same cycle: a row without cycle and
+    model_version is ambiguous (its accounting would use either item), one naming them is
+    not."""
+    cfg = world
+    other = "rv_v2_2026_01_02"
+    with db.connect(cfg) as conn:
+        conn.execute(
+            sql.SQL(
+                "insert into {} (model_version, status, dataset_hash, config_hash) values"
+                " (%s, 'cached', %s, %s)"
+            ).format(_t(cfg, "model_training_runs")),
+            (other, "e" * 64, cfg.config_hash),
+        )
+        conn.execute(
+            sql.SQL(
+                "insert into {} (cycle, model_version, data_path, data_sha256, slices_sha256,"
+                " items_sha256) values ('c1', %s, 'x', 'x', 'x', 'x')"
+            ).format(_t(cfg, "review_cycles")),
+            (other,),
+        )
+        conn.execute(
+            sql.SQL(
+                "insert into {} (cycle, model_version, snapshot_id, reason, item_rank, ai_rating,"
+                " label_value, abs_error) values ('c1', %s, 2, 'top_disagreement', 1, 1.0, 4.2, 3.2)"
+            ).format(_t(cfg, "review_items")),
+            (other,),
+        )
+    f = tmp_path / "amb.csv"
+    f.write_text(HEADER + "2,3.5,ana,,,\n")
+    with pytest.raises(
+        InputError,
+        match="line 2: snapshot 2 is in the review sets of .* give cycle and model_version",
+    ):
+        review.import_job(cfg, f)
+    g = tmp_path / "named.csv"
+    g.write_text(HEADER + f"2,3.5,ana,c1,{other},\n")
+    out = review.import_job(cfg, g)
+    assert out["rows"] == 1 and out["accounting"]["by_reason"] == {"top_disagreement": 1}

@@ -58,7 +58,7 @@ interface Snapshot {
   id: number;
   webcamId: number;
   url: string | null;
-  capturedAt: Date;
+  cursor: string;
 }
 
 class FetchFailed extends Error {
@@ -107,7 +107,14 @@ async function fetchImage(url: string, opts: Required<Pick<CronOptions, 'fetchTi
   }
   const declared = Number(res.headers.get('content-length') ?? '0');
   if (declared > opts.maxBytes) throw new FetchFailed('too_large', `Content-Length ${declared}`, false);
-  const body = new Uint8Array(await res.arrayBuffer());
+  let body: Uint8Array;
+  try {
+    body = new Uint8Array(await res.arrayBuffer());
+  } catch (err) {
+    // a timeout or a reset while the body streams: worth another try next run
+    const name = (err as Error).name;
+    throw new FetchFailed(name === 'TimeoutError' ? 'timeout' : 'connection_error', (err as Error).message, true);
+  }
   if (body.byteLength > opts.maxBytes) throw new FetchFailed('too_large', `${body.byteLength} bytes`, false);
   return body;
 }
@@ -149,17 +156,19 @@ export async function updateWindy(options: CronOptions): Promise<CronSummary> {
     : 'true';
   const window = `${rated} and ($2::float8 is null or s.captured_at >= now() - make_interval(secs => $2::float8 * 3600))`;
   try {
-    let after: [Date, number] | null = null;
+    // the keyset cursor keeps captured_at as PostgreSQL's text: a JS Date would drop its
+    // microseconds and skip rows captured within the same millisecond
+    let after: [string, number] | null = null;
     for (;;) {
       // newest first, keyset-paged; what this version scored already or failed for good is skipped
       const params: unknown[] = [version, opts.backfill ? null : opts.sinceHours, opts.batchSize];
       let keyset = '';
       if (after) {
         params.push(after[0], after[1]);
-        keyset = 'and (s.captured_at, s.id) < ($4, $5)';
+        keyset = 'and (s.captured_at, s.id) < ($4::timestamptz, $5)';
       }
-      const page = await client.query<{ id: string; webcam_id: string; firebase_url: string | null; captured_at: Date }>(
-        `select s.id, s.webcam_id, s.firebase_url, s.captured_at
+      const page = await client.query<{ id: string; webcam_id: string; firebase_url: string | null; cursor: string }>(
+        `select s.id, s.webcam_id, s.firebase_url, s.captured_at::text as cursor
            from ${a}.webcam_snapshots s
           where ${window}
             and not exists (select 1 from ${a}.snapshot_ai_inferences i
@@ -176,10 +185,10 @@ export async function updateWindy(options: CronOptions): Promise<CronSummary> {
         id: Number(r.id),
         webcamId: Number(r.webcam_id),
         url: r.firebase_url,
-        capturedAt: r.captured_at,
+        cursor: r.cursor,
       }));
       const last = snaps[snaps.length - 1]!;
-      after = [last.capturedAt, last.id];
+      after = [last.cursor, last.id];
 
       const scored: { snap: Snapshot; raw: number; ai: number; gate: boolean }[] = [];
       const failed: { snap: Snapshot; reason: string; detail: string; transient: boolean }[] = [];
