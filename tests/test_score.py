@@ -330,3 +330,42 @@ def test_a_missing_grant_exits_2_saying_which_role(world):
     )
     assert "Traceback" not in r.stderr
     assert "docs/contracts.md 'Roles'" in out["error"]
+
+
+def test_two_scorers_on_one_webcam_serialise_without_deadlock(world):
+    """Two shards' batches both insert rows for webcam 1 (the foreign key takes a key-share
+    lock on it) and then refresh its fields: `for update` there deadlocked; the function locks
+    `for no key update`, so the second waits for the first and both commit."""
+    import threading
+
+    good = sorted(s for s, k in world.kinds.items() if k == "good" and world.webcam_of[s] == 1)
+    a_sid, b_sid = good[0], good[1]
+    insert = sql.SQL(
+        "insert into {} (snapshot_id, webcam_id, model_version, raw_score, ai_rating,"
+        " gate_passed) values (%s, 1, %s, 1, 1, false)"
+    ).format(world.app("snapshot_ai_inferences"))
+    refresh = sql.SQL("select {}.refresh_webcam_ai(array[1]::bigint[], %s)").format(
+        sql.Identifier(world.cfg.database.ml_schema)
+    )
+    errors = []
+    with psycopg.connect(world.scorer_url) as a, psycopg.connect(world.scorer_url) as b:
+        a.execute(insert, (a_sid, world.version))
+        b.execute(insert, (b_sid, world.version))
+
+        def run(conn):
+            try:
+                conn.execute(refresh, (world.version,))
+                conn.commit()
+            except psycopg.Error as exc:
+                errors.append(exc)
+                conn.rollback()
+
+        ta = threading.Thread(target=run, args=(a,))
+        ta.start()
+        ta.join(10)  # a must not wait for b's key-share lock
+        assert not ta.is_alive(), "refresh_webcam_ai waited on another batch's foreign-key lock"
+        tb = threading.Thread(target=run, args=(b,))
+        tb.start()
+        tb.join(30)
+    assert errors == []
+    assert set(world.inferences()) == {a_sid, b_sid}
