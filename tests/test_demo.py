@@ -343,9 +343,19 @@ def test_reseeding_another_world_forgets_cached_urls_of_rewritten_files(demo_cfg
                     (hashlib.sha256(u.encode()).hexdigest(), u, "0" * 64),
                 )
 
+    def failures() -> int:
+        with db.connect(cfg) as conn:
+            return conn.execute("select count(*) from airatings.score_failures").fetchone()[0]
+
     cache(url, elsewhere)
+    with db.connect(cfg) as conn:  # a permanent scoring failure of snapshot 1 in this world
+        conn.execute(
+            "insert into airatings.score_failures (snapshot_id, model_version, reason, transient)"
+            " values (1, 'v', 'not_an_image', false)"
+        )
     assert seed(cfg, snapshots=N, seed=5)["cache_index_rows_forgotten"] == 0
-    assert index_rows() == {url, elsewhere}
+    assert index_rows() == {url, elsewhere} and failures() == 1  # the same world: kept
     out = seed(cfg, snapshots=N, seed=6)
     assert out["cache_index_rows_forgotten"] == 1
     assert index_rows() == {elsewhere}  # only URLs under the demo images dir are forgotten
+    assert failures() == 0  # snapshot 1 is another snapshot now

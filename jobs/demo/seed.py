@@ -228,9 +228,10 @@ def _world_comment(fingerprint: str) -> str:
 def _forget_cached_urls(
     conn: psycopg.Connection, cfg: Config, out_dir: Path, fingerprint: str
 ) -> int:
-    """Delete ``image_cache`` rows for URLs under the demo images dir unless the database
-    already holds this very world. The cache treats a URL's content as immutable; a re-seed
-    with another seed or image size rewrites files in place (and removes some)."""
+    """Delete ``image_cache`` rows for URLs under the demo images dir, and the scorer's
+    ``score_failures``, unless the database already holds this very world. The cache treats a
+    URL's content as immutable; a re-seed with another seed or image size rewrites files in
+    place (and removes some), and its snapshot ids mean other snapshots."""
     from psycopg import sql
 
     schema = cfg.database.app_schema
@@ -241,6 +242,14 @@ def _forget_cached_urls(
         ).fetchone()[0]
         if current == _world_comment(fingerprint):
             return 0
+    if _regclass(conn, cfg.database.ml_schema, "score_failures") is not None:
+        # the scorer's failures name the replaced world's snapshot ids: a permanent one would
+        # keep a new snapshot with that id from ever being scored
+        conn.execute(
+            sql.SQL("delete from {}").format(
+                sql.Identifier(cfg.database.ml_schema, "score_failures")
+            )
+        )
     if _regclass(conn, cfg.database.ml_schema, "image_cache") is None:
         return 0
     cur = conn.execute(
