@@ -77,20 +77,16 @@ REASONS = ("top_disagreement", "boundary_sample", "holdout")
 # ---- helpers --------------------------------------------------------------------------------
 
 
-def _t(cfg: Config, name: str, schema: str | None = None) -> Any:
+def _dbt(cfg: Config, name: str) -> Any:
     from psycopg import sql
 
-    return sql.SQL("{}.{}").format(
-        sql.Identifier(schema or cfg.database.ml_schema), sql.Identifier(name)
-    )
-
-
-def _dbt(cfg: Config, name: str) -> Any:
-    return _t(cfg, name, cfg.database.dbt_schema)
+    return sql.Identifier(cfg.database.dbt_schema, name)
 
 
 def _app(cfg: Config, name: str) -> Any:
-    return _t(cfg, name, cfg.database.app_schema)
+    from psycopg import sql
+
+    return sql.Identifier(cfg.database.app_schema, name)
 
 
 def _version(cfg: Config, version: str | None) -> str:
@@ -153,7 +149,7 @@ def report_job(
             runs.get_run(conn, cfg, version)  # a version this registry knows
             recorded = conn.execute(
                 _sql("select data_sha256, slices_sha256, items_sha256, page_sha256, params_json"
-                     " from {} where cycle = %s and model_version = %s", _t(cfg, "review_cycles")),
+                     " from {} where cycle = %s and model_version = %s", runs.table(cfg, "review_cycles")),
                 (cycle, version),
             ).fetchone()  # fmt: skip
         if recorded is None:
@@ -161,7 +157,7 @@ def report_job(
             with dbt_runner.relations_lock(cfg):
                 built = dbt_runner.build(cfg, select=MODELS, lock=False)
                 log.info("review_models_built", **built["results"])
-                data, slices = _freeze(cfg, version, rp)
+                _freeze(cfg, version, rp)
             status = "reported"
         else:
             data_sha, slices_sha = recorded[0], recorded[1]
@@ -198,7 +194,7 @@ def report_job(
             with db.connect(cfg) as conn:
                 conn.execute(
                     _sql("update {} set page_sha256 = %s where cycle = %s and model_version = %s",
-                         _t(cfg, "review_cycles")),
+                         runs.table(cfg, "review_cycles")),
                     (page_sha, cycle, version),
                 )  # fmt: skip
     allm = result["metrics"]["all"]
@@ -236,7 +232,7 @@ def _sql(text: str, *parts: Any) -> Any:
     return sql.SQL(text).format(*parts)
 
 
-def _freeze(cfg: Config, version: str, rp: paths.ReviewPaths) -> tuple[Path, Path]:
+def _freeze(cfg: Config, version: str, rp: paths.ReviewPaths) -> None:
     """This version's rows of both dbt models (one snapshot of the database), written under
     the cycle's folder."""
     with db.connect(cfg) as conn, conn.transaction():
@@ -261,7 +257,6 @@ def _freeze(cfg: Config, version: str, rp: paths.ReviewPaths) -> tuple[Path, Pat
     db.check_locks()
     atomic_write_parquet(_table(rows), rp.disagreements)
     atomic_write_parquet(_table(slices), rp.slices)
-    return rp.disagreements, rp.slices
 
 
 def _evaluate(cfg: Config, frozen: dict[str, list[Any]]) -> dict[str, Any]:
@@ -327,13 +322,13 @@ def _choose(
         seen = {
             row[0]
             for row in conn.execute(
-                _sql("select distinct snapshot_id from {}", _t(cfg, "review_items"))
+                _sql("select distinct snapshot_id from {}", runs.table(cfg, "review_items"))
             )
         }
         seen |= {
             row[0]
             for row in conn.execute(
-                _sql("select distinct snapshot_id from {}", _t(cfg, "manual_relabels"))
+                _sql("select distinct snapshot_id from {}", runs.table(cfg, "manual_relabels"))
             )
         }
     fresh = np.array(
@@ -350,7 +345,7 @@ def _items(cfg: Config, cycle: str, version: str) -> list[dict[str, Any]]:
     with db.connect(cfg, autocommit=True) as conn:
         rows = conn.execute(
             _sql("select snapshot_id, reason, item_rank, ai_rating, label_value, abs_error"
-                 " from {} where cycle = %s and model_version = %s", _t(cfg, "review_items")),
+                 " from {} where cycle = %s and model_version = %s", runs.table(cfg, "review_items")),
             (cycle, version),
         ).fetchall()  # fmt: skip
     keys = ("snapshot_id", "reason", "item_rank", "ai_rating", "label_value", "abs_error")
@@ -374,7 +369,7 @@ def _record(
     conn.execute(
         _sql("insert into {} (cycle, model_version, data_path, data_sha256, slices_sha256,"
              " items_sha256, page_path, page_sha256, params_json)"
-             " values (%s, %s, %s, %s, %s, %s, %s, %s, %s)", _t(cfg, "review_cycles")),
+             " values (%s, %s, %s, %s, %s, %s, %s, %s, %s)", runs.table(cfg, "review_cycles")),
         (cycle, version, str(rp.disagreements.relative_to(cfg.artifacts_dir)),
          sha256_file(rp.disagreements), sha256_file(rp.slices), items_sha,
          str(rp.page.relative_to(cfg.artifacts_dir)), page_sha,
@@ -385,7 +380,7 @@ def _record(
         cur.executemany(
             _sql("insert into {} (cycle, model_version, snapshot_id, reason, item_rank,"
                  " ai_rating, label_value, abs_error) values (%s, %s, %s, %s, %s, %s, %s, %s)",
-                 _t(cfg, "review_items")),
+                 runs.table(cfg, "review_items")),
             [(cycle, version, it["snapshot_id"], it["reason"], it["item_rank"], it["ai_rating"],
               it["label_value"], it["abs_error"]) for it in items],
         )  # fmt: skip
@@ -401,7 +396,7 @@ def _record(
             _sql("insert into {} (model_version, split, slice, metric, value, status, n, ci_low,"
                  " ci_high, cycle) values (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
                  " on conflict (model_version, split, slice, metric, cycle) do nothing",
-                 _t(cfg, "model_evaluations")),
+                 runs.table(cfg, "model_evaluations")),
             [(version, SPLIT, *r, cycle) for r in rows],
         )  # fmt: skip
 
@@ -566,7 +561,7 @@ def import_job(cfg: Config, file: Path) -> dict[str, Any]:
         raise InputError(f"{path}: no rows")
     with db.connect(cfg, autocommit=True) as conn:
         done = conn.execute(
-            _sql("select id, rows_imported from {} where file_sha256 = %s", _t(cfg, "review_imports")),
+            _sql("select id, rows_imported from {} where file_sha256 = %s", runs.table(cfg, "review_imports")),
             (file_sha,),
         ).fetchone()  # fmt: skip
         if done:
@@ -593,7 +588,7 @@ def import_job(cfg: Config, file: Path) -> dict[str, Any]:
         for sid, cycle, version, reason, old, ai in conn.execute(
             _sql("select snapshot_id, cycle, model_version, reason, label_value, ai_rating"
                  " from {} where snapshot_id = any(%s) order by snapshot_id, cycle desc,"
-                 " model_version", _t(cfg, "review_items")),
+                 " model_version", runs.table(cfg, "review_items")),
             (wanted,),
         ):  # fmt: skip
             items_of.setdefault(sid, []).append({"cycle": cycle, "model_version": version,
@@ -650,7 +645,7 @@ def import_job(cfg: Config, file: Path) -> dict[str, Any]:
         (import_id,) = conn.execute(
             _sql("insert into {} (file_sha256, file_name, rows_imported, accounting, imported_by)"
                  " values (%s, %s, %s, %s, %s) on conflict (file_sha256) do nothing returning id",
-                 _t(cfg, "review_imports")),
+                 runs.table(cfg, "review_imports")),
             (file_sha, path.name, len(accepted), json.dumps(accounting), registry.actor()),
         ).fetchone() or (None,)  # fmt: skip
         if import_id is None:  # a twin imported the same file meanwhile
@@ -658,13 +653,13 @@ def import_job(cfg: Config, file: Path) -> dict[str, Any]:
         sids = [a["snapshot_id"] for a in accepted]
         conn.execute(
             _sql("update {} set superseded_at = now() where snapshot_id = any(%s)"
-                 " and superseded_at is null", _t(cfg, "manual_relabels")),
+                 " and superseded_at is null", runs.table(cfg, "manual_relabels")),
             (sids,),
         )  # fmt: skip
         with conn.cursor() as cur:
             cur.executemany(
                 _sql("insert into {} (snapshot_id, label_value, reviewer, reason, review_import_id)"
-                     " values (%s, %s, %s, %s, %s)", _t(cfg, "manual_relabels")),
+                     " values (%s, %s, %s, %s, %s)", runs.table(cfg, "manual_relabels")),
                 [(a["snapshot_id"], a["label"], a["reviewer"],
                   f"review {a['cycle']} ({a['reason']})" + (f": {a['note']}" if a["note"] else ""),
                   import_id) for a in accepted],
@@ -732,7 +727,7 @@ def history_job(
                  " where e.split = %s and (e.slice = 'all' or %s)"
                  " and e.metric in ('mae', 'roc_auc', 'share_abs_error_gt_1')"
                  " order by c.created_at, e.model_version, e.slice",
-                 _t(cfg, "model_evaluations"), _t(cfg, "review_cycles")),
+                 runs.table(cfg, "model_evaluations"), runs.table(cfg, "review_cycles")),
             (SPLIT, slices),
         ).fetchall()  # fmt: skip
         prod = registry.current(conn, cfg) if _has(conn, cfg, "model_aliases") else None
@@ -759,7 +754,7 @@ def history_job(
                 for r in conn.execute(
                     _sql("select from_version from {} where alias = 'production'"
                          " and to_version = %s and from_version is not null order by id desc",
-                         _t(cfg, "model_alias_history")),
+                         runs.table(cfg, "model_alias_history")),
                     (prod,),
                 )
             ]  # fmt: skip
@@ -800,7 +795,7 @@ def compare_versions(cfg: Config, new: str, old: str) -> dict[str, Any]:
         ).fetchall()  # fmt: skip
         old_cycle = conn.execute(
             _sql("select data_path, data_sha256 from {} where model_version = %s"
-                 " order by created_at desc limit 1", _t(cfg, "review_cycles")),
+                 " order by created_at desc limit 1", runs.table(cfg, "review_cycles")),
             (old,),
         ).fetchone()  # fmt: skip
     y = np.array([r[0] for r in rows], dtype=np.float64)

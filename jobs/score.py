@@ -59,7 +59,6 @@ if TYPE_CHECKING:
 
     from jobs.config import Config
 
-PERMANENT_DECODE = "decode"  # every ImageRejected reason is permanent: the bytes will not change
 _SINCE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([mhdw])\s*$")
 _UNITS = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 

@@ -9,76 +9,26 @@ disagreements as (
     select * from {{ ref('fct_disagreements') }}
 ),
 
+-- one row per (disagreement, slice it belongs to)
 sliced as (
     select
-        model_version,
-        'all' as slice_dimension,
-        'all' as slice_value,
-        error,
-        abs_error,
-        ai_rating,
-        label_value
+        disagreements.model_version,
+        slices.slice_dimension,
+        slices.slice_value,
+        disagreements.error,
+        disagreements.abs_error,
+        disagreements.ai_rating,
+        disagreements.label_value
     from disagreements
-
-    union all
-
-    select
-        model_version,
-        'phase' as slice_dimension,
-        phase as slice_value,
-        error,
-        abs_error,
-        ai_rating,
-        label_value
-    from disagreements
-
-    union all
-
-    select
-        model_version,
-        'hour' as slice_dimension,
-        lpad(hour_of_day::text, 2, '0') as slice_value,
-        error,
-        abs_error,
-        ai_rating,
-        label_value
-    from disagreements
-
-    union all
-
-    select
-        model_version,
-        'month' as slice_dimension,
-        lpad(month::text, 2, '0') as slice_value,
-        error,
-        abs_error,
-        ai_rating,
-        label_value
-    from disagreements
-
-    union all
-
-    select
-        model_version,
-        'region' as slice_dimension,
-        region as slice_value,
-        error,
-        abs_error,
-        ai_rating,
-        label_value
-    from disagreements
-
-    union all
-
-    select
-        model_version,
-        'source' as slice_dimension,
-        source as slice_value,
-        error,
-        abs_error,
-        ai_rating,
-        label_value
-    from disagreements
+    cross join lateral (
+        values
+        ('all', 'all'),
+        ('phase', disagreements.phase),
+        ('hour', lpad(disagreements.hour_of_day::text, 2, '0')),
+        ('month', lpad(disagreements.month::text, 2, '0')),
+        ('region', disagreements.region),
+        ('source', disagreements.source)
+    ) as slices (slice_dimension, slice_value)
 ),
 
 aggregated as (
