@@ -192,10 +192,10 @@ def main() -> None:
             asyncio.run(_bare(urls[: min(200, len(urls))], args.concurrency))  # warm-up
             bare_s, bare_bytes = asyncio.run(_bare(urls, args.concurrency))
             t = time.perf_counter()
-            s1 = cache.run(cfg, run=run1.model_version, env={})
+            s1 = cache.run(cfg, run_ref=run1.model_version, env={})
             job_s = time.perf_counter() - t
             t = time.perf_counter()
-            s2 = cache.run(cfg, run=run2.model_version, env={})
+            s2 = cache.run(cfg, run_ref=run2.model_version, env={})
             resume_s = time.perf_counter() - t
             sample = asyncio.run(_bodies(urls[: min(400, len(urls))]))
             workers = cfg.cache.cpu_workers or available_cpus()

@@ -103,7 +103,7 @@ def _child(args: argparse.Namespace) -> None:
     cfg = load_config(REPO / "configs" / "v2_baseline.yaml", env=env)
     started = time.perf_counter()
     if args.full:
-        summary = cache.run(cfg, run=args.version, env={})
+        summary = cache.run(cfg, run_ref=args.version, env={})
         out = {"failed_rows": summary["failed_rows"], "requests": summary["fetch"]["requests"]}
     else:
         urls = _urls(args.port, args.child)

@@ -1070,65 +1070,66 @@ def _distinct_urls(manifests: dict[str, pa.Table]) -> list[str]:
     return sorted(seen)
 
 
-def _get_run(cfg: Config, ref: str | int) -> runs.Run:
+def _get_run(cfg: Config, run_ref: str | int) -> runs.Run:
     with db.connect(cfg) as conn:
-        return runs.get_run(conn, cfg, ref)
+        return runs.get_run(conn, cfg, run_ref)
 
 
 def run(
     cfg: Config,
-    run: str | int = "latest",
+    run_ref: str | int = "latest",
     shard: str | None = None,
     merge: bool = False,
     *,
     env: dict[str, str] | None = None,
     fetcher: Fetcher | None = None,
 ) -> dict[str, Any]:
-    """Cache the run's images (this shard's share), then (unsharded, or ``merge``) write the
-    failures and active manifests and move the run to ``cached``."""
+    """Cache the images of the run ``run_ref`` names (an id, a model version or "latest";
+    this shard's share), then (unsharded, or ``merge``) write the failures and active
+    manifests and move the run to ``cached``."""
     log = get_logger()
     started = time.monotonic()
     if merge and shard is not None:
         raise InputError("--merge combines all shards; do not pass --shard with it")
     i, n = (0, 1) if merge else parse_shard(shard, os.environ if env is None else env)
-    r = _get_run(cfg, run)
-    runs.require(r, "exported")
-    bind(run_id=r.id, model_version=r.model_version)
-    base = {"run_id": r.id, "model_version": r.model_version}
+    run = _get_run(cfg, run_ref)
+    runs.require(run, "exported")
+    bind(run_id=run.id, model_version=run.model_version)
+    base = {"run_id": run.id, "model_version": run.model_version}
 
     if merge or n == 1:
-        lock_parts: tuple[Any, ...] = ("cache", r.id)
+        lock_parts: tuple[Any, ...] = ("cache", run.id)
     else:
-        lock_parts = ("cache", r.id, "shard", i, n)
+        lock_parts = ("cache", run.id, "shard", i, n)
     with db.job_lock(cfg, *lock_parts) as held:
         if not held:
             msg = "another cache job holds the lock for this run (and shard); nothing to do"
             log.info("cache_skipped", reason=msg)
             return {**base, "status": "skipped", "reason": msg}
-        r = _get_run(cfg, r.id)  # re-read under the lock: a finished twin may have moved it
-        if r.reached("cached") and (merge or n == 1):
+        run = _get_run(cfg, run.id)  # re-read under the lock: a finished twin may have moved it
+        if run.reached("cached") and (merge or n == 1):
             # "Already done" is checked, not assumed: the files the status vouches for must be
             # the ones recorded. If not, the merge is redone below (the images are still in
             # the content-addressed store and the index: no downloads).
-            problem = _active_problem(cfg, r)
+            problem = _active_problem(cfg, run)
             if problem is None:
                 log.info(
                     "cache_already_done",
-                    active_dir=str(paths.of(cfg).run(r.model_version).active_dir),
+                    active_dir=str(paths.of(cfg).run(run.model_version).active_dir),
                 )
                 return {
                     **base,
                     "status": "already_done",
-                    "active_dir": str(paths.of(cfg).run(r.model_version).active_dir),
+                    "active_dir": str(paths.of(cfg).run(run.model_version).active_dir),
                 }
-            log.warning("cache_redone", status=r.status, problem=problem)
+            log.warning("cache_redone", status=run.status, problem=problem)
             # unsharded too: the shard outputs hold every URL's result, so the merge alone
             # rebuilds the files (not even the failed URLs are asked again)
-            merge = merge or _has_complete_shards(cfg, r)
+            merge = merge or _has_complete_shards(cfg, run)
 
-        manifests = read_manifests(cfg, r)
+        manifests = read_manifests(cfg, run)
         if merge:
-            summary = merge_shards(cfg, r, manifests)
+            summary = merge_shards(cfg, run, manifests)
             log.info(
                 "images_merged", **{k: v for k, v in summary.items() if not isinstance(v, dict)}
             )
@@ -1145,7 +1146,7 @@ def run(
             paths.of(cfg).images.root,
             foreign_age_s=max(FOREIGN_TEMP_AGE_S, 2 * cfg.cache.total_timeout_s),
         )
-        swept += sweep_temp(paths.of(cfg).run(r.model_version).root)
+        swept += sweep_temp(paths.of(cfg).run(run.model_version).root)
         all_urls = _distinct_urls(manifests)
         urls = [u for u in all_urls if shard_of(u, n) == i] if n > 1 else all_urls
         log.info("cache_started", urls=len(urls), shard=f"{i}/{n}", swept_temp_files=swept)
@@ -1153,7 +1154,7 @@ def run(
             results, stats = asyncio.run(
                 cache_urls(cfg, urls, index=ImageIndex(cfg, conn), fetcher=fetcher)
             )
-        out = paths.of(cfg).run(r.model_version).shard(i, n)
+        out = paths.of(cfg).run(run.model_version).shard(i, n)
         results.write_parquet(out)
         failed = results.failure_counts()
         shard_summary = {
@@ -1173,9 +1174,9 @@ def run(
                 **base,
                 "status": "shard_done",
                 **shard_summary,
-                "next": f"after all {n} shards: airatings cache --merge --run {r.model_version}",
+                "next": f"after all {n} shards: airatings cache --merge --run {run.model_version}",
             }
-        summary = merge_shards(cfg, r, manifests, extra={"fetch": shard_summary})
+        summary = merge_shards(cfg, run, manifests, extra={"fetch": shard_summary})
         return {
             **base,
             "status": "cached",

@@ -330,7 +330,7 @@ def export(
 def cache(
     config: ConfigOpt = DEFAULT_CONFIG,
     json_: JsonOpt = False,
-    run: RunOpt = "latest",
+    run_ref: RunOpt = "latest",
     shard: Annotated[
         str | None, typer.Option(help="I/N: this shard of a sharded (Indexed Job) run.")
     ] = None,
@@ -341,7 +341,7 @@ def cache(
     """Download, validate and cache the run's images; write failures and active manifests."""
     from jobs import cache
 
-    run_job("cache", cache.run, config, json_, run=run, shard=shard, merge=merge)
+    run_job("cache", cache.run, config, json_, run_ref=run_ref, shard=shard, merge=merge)
 
 
 # ---- model -------------------------------------------------------------------------------
@@ -349,32 +349,32 @@ def cache(
 
 @app.command("train")
 def train(
-    config: ConfigOpt = DEFAULT_CONFIG, json_: JsonOpt = False, run: RunOpt = "latest"
+    config: ConfigOpt = DEFAULT_CONFIG, json_: JsonOpt = False, run_ref: RunOpt = "latest"
 ) -> None:
     """Transfer-learn a torchvision backbone on the run's cached images (resumable)."""
     from jobs import train
 
-    run_job("train", train.run, config, json_, run=run)
+    run_job("train", train.run, config, json_, run_ref=run_ref)
 
 
 @app.command("evaluate")
 def evaluate(
-    config: ConfigOpt = DEFAULT_CONFIG, json_: JsonOpt = False, run: RunOpt = "latest"
+    config: ConfigOpt = DEFAULT_CONFIG, json_: JsonOpt = False, run_ref: RunOpt = "latest"
 ) -> None:
     """Test-split metrics, slices, bootstrap CIs, baselines, plots and report.html."""
     from jobs import evaluate
 
-    run_job("evaluate", evaluate.run, config, json_, run=run)
+    run_job("evaluate", evaluate.run, config, json_, run_ref=run_ref)
 
 
 @app.command("export-onnx")
 def export_onnx(
-    config: ConfigOpt = DEFAULT_CONFIG, json_: JsonOpt = False, run: RunOpt = "latest"
+    config: ConfigOpt = DEFAULT_CONFIG, json_: JsonOpt = False, run_ref: RunOpt = "latest"
 ) -> None:
     """Export the best checkpoint to ONNX (resize inside), parity-checked against PyTorch."""
     from jobs import onnx_export
 
-    run_job("export-onnx", onnx_export.run, config, json_, run=run)
+    run_job("export-onnx", onnx_export.run, config, json_, run_ref=run_ref)
 
 
 ForceOpt = Annotated[
@@ -387,7 +387,7 @@ ReasonOpt = Annotated[str | None, typer.Option("--reason", help="Why (kept in th
 def register(
     config: ConfigOpt = DEFAULT_CONFIG,
     json_: JsonOpt = False,
-    run: RunOpt = "latest",
+    run_ref: RunOpt = "latest",
     promote: Annotated[
         bool, typer.Option("--promote", help="Then move 'production' to it if it is not worse.")
     ] = False,
@@ -402,7 +402,7 @@ def register(
         register_job.run,
         config,
         json_,
-        run=run,
+        run_ref=run_ref,
         promote=promote,
         force=force,
         reason=reason,
@@ -545,7 +545,7 @@ def provenance(
     """Which labels and which people's ratings trained VERSION; what changed since."""
     from jobs import provenance
 
-    run_job("provenance", provenance.run, config, json_, version=version, snapshot=snapshot)
+    run_job("provenance", provenance.run, config, json_, run_ref=version, snapshot=snapshot)
 
 
 @models_app.command("list")

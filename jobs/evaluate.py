@@ -158,9 +158,7 @@ PREDICTION_CONTEXT = ("snapshot_id", "webcam_id", "phase", "captured_at", "regio
                       "rating_count", "label_source")  # fmt: skip
 
 
-def evaluation_key(
-    cfg: Config, the_run: runs.Run, best: Path, test_path: Path, val_path: Path
-) -> str:
+def evaluation_key(cfg: Config, run: runs.Run, best: Path, test_path: Path, val_path: Path) -> str:
     """sha256 of everything an evaluation's numbers depend on: the evaluate config and the
     good threshold, the checkpoint's and the test and val manifests' bytes, the dataset, the compared
     run's checkpoint and the production version."""
@@ -168,7 +166,7 @@ def evaluation_key(
         "format": EVALUATION_FORMAT,
         "evaluate": cfg.evaluate.model_dump(mode="json"),
         "good_threshold": cfg.dataset.good_threshold,
-        "dataset_hash": the_run.dataset_hash,
+        "dataset_hash": run.dataset_hash,
         "checkpoint_sha256": sha256_file(best),
         "test_manifest_sha256": sha256_file(test_path),
         # the calibration is fitted on the validation split
@@ -184,7 +182,7 @@ def evaluation_key(
 
 
 def already_evaluated(
-    cfg: Config, the_run: runs.Run, run_paths: RunPaths, key: str
+    cfg: Config, run: runs.Run, run_paths: RunPaths, key: str
 ) -> tuple[dict[str, Any] | None, str]:
     """``(summary, "")`` when the run's recorded evaluation still stands: status at least
     ``evaluated``, made from the same inputs (:func:`evaluation_key`), metrics.json and
@@ -193,8 +191,8 @@ def already_evaluated(
     dead end."""
     from psycopg import sql
 
-    rec = the_run.params.get("evaluate") or {}
-    if not the_run.reached("evaluated") or not rec:
+    rec = run.params.get("evaluate") or {}
+    if not run.reached("evaluated") or not rec:
         return None, "not evaluated yet"
     if rec.get("evaluation_key") != key:
         return None, "its inputs changed (config, checkpoint, test split or a compared model)"
@@ -212,7 +210,7 @@ def already_evaluated(
             sql.SQL("select count(*) from {} where model_version = %s and split = %s").format(
                 runs.table(cfg, "model_evaluations")
             ),
-            (the_run.model_version, SPLIT),
+            (run.model_version, SPLIT),
         ).fetchone()
     if n != rec.get("db_rows"):
         return (
@@ -225,8 +223,8 @@ def already_evaluated(
 # ---- main ----------------------------------------------------------------------------------
 
 
-def run(cfg: Config, run: str | int = "latest") -> dict[str, Any]:
-    """Evaluate the best checkpoint of ``run`` (an id, a model version or "latest") on its
+def run(cfg: Config, run_ref: str | int = "latest") -> dict[str, Any]:
+    """Evaluate the best checkpoint of ``run_ref`` (an id, a model version or "latest") on its
     test split; returns the summary (also recorded in the run's params)."""
     import pyarrow.parquet as pq
 
@@ -235,14 +233,14 @@ def run(cfg: Config, run: str | int = "latest") -> dict[str, Any]:
     log = logs.get_logger()
     started = time.monotonic()
     settings = cfg.evaluate
-    with runs.claim(cfg, "evaluate", run) as (the_run, skipped):
+    with runs.claim(cfg, "evaluate", run_ref) as (run, skipped):
         if skipped:
             return skipped
-        runs.require(the_run, "trained")
-        run_paths = paths.of(cfg).run(the_run.model_version)
-        version = the_run.model_version
-        best = runs.verified_best_checkpoint(cfg, the_run)
-        recorded_active = (the_run.params.get("cache") or {}).get("active_files") or {}
+        runs.require(run, "trained")
+        run_paths = paths.of(cfg).run(run.model_version)
+        version = run.model_version
+        best = runs.verified_best_checkpoint(cfg, run)
+        recorded_active = (run.params.get("cache") or {}).get("active_files") or {}
         for split in (SPLIT, "val", "train"):
             manifest = run_paths.active_manifest(split)
             runs.verify_recorded(
@@ -253,18 +251,18 @@ def run(cfg: Config, run: str | int = "latest") -> dict[str, Any]:
                 "from the image cache without downloading), then evaluate again",
             )
         ckpt = train_model.load_weights_only(best)
-        if ckpt.get("dataset_hash") != the_run.dataset_hash:
+        if ckpt.get("dataset_hash") != run.dataset_hash:
             raise InputError(
-                f"{best} was trained on dataset {ckpt.get('dataset_hash')}, the run has {the_run.dataset_hash}"
+                f"{best} was trained on dataset {ckpt.get('dataset_hash')}, the run has {run.dataset_hash}"
             )
         target = ckpt["spec"]["target"]
         test_path = run_paths.active_manifest(SPLIT)
-        key = evaluation_key(cfg, the_run, best, test_path, run_paths.active_manifest("val"))
-        done, why = already_evaluated(cfg, the_run, run_paths, key)
+        key = evaluation_key(cfg, run, best, test_path, run_paths.active_manifest("val"))
+        done, why = already_evaluated(cfg, run, run_paths, key)
         if done is not None:
             log.info("evaluate_already_done", report=done.get("report_html"))
             return done | {"seconds": round(time.monotonic() - started, 3)}
-        if the_run.reached("evaluated"):
+        if run.reached("evaluated"):
             log.info("evaluation_redone", reason=why)
         test_table = pq.read_table(test_path).to_pydict()
         y = np.asarray(test_table["label_value"], dtype=np.float64)
@@ -303,13 +301,11 @@ def run(cfg: Config, run: str | int = "latest") -> dict[str, Any]:
             min_slice_size=settings.min_slice_size,
             **boot,
         )
-        baselines, production = compare_with_baselines(
-            cfg, the_run, run_paths, y, s, image_paths, boot
-        )
+        baselines, production = compare_with_baselines(cfg, run, run_paths, y, s, image_paths, boot)
         result = {
-            "model_version": the_run.model_version,
-            "run_id": the_run.id,
-            "dataset_hash": the_run.dataset_hash,
+            "model_version": run.model_version,
+            "run_id": run.id,
+            "dataset_hash": run.dataset_hash,
             "split": SPLIT,
             "n": n,
             "target": target,
@@ -358,8 +354,8 @@ def run(cfg: Config, run: str | int = "latest") -> dict[str, Any]:
         }
         with db.connect(cfg) as conn, conn.transaction():
             db.check_locks()  # set_status checks again right before the final update
-            write_rows(conn, cfg, the_run, rows)
-            runs.set_status(conn, cfg, the_run.id, "evaluated", step="evaluate", summary=summary)
+            write_rows(conn, cfg, run, rows)
+            runs.set_status(conn, cfg, run.id, "evaluated", step="evaluate", summary=summary)
         summary["seconds"] = round(time.monotonic() - started, 3)
         log.info(
             "evaluation_finished",
@@ -430,7 +426,7 @@ def capture_gate(
 
 def compare_with_baselines(
     cfg: Config,
-    the_run: runs.Run,
+    run: runs.Run,
     run_paths: RunPaths,
     y: np.ndarray,
     s: np.ndarray,
@@ -459,7 +455,7 @@ def compare_with_baselines(
         prod, prod_note = production_version(cfg, conn)
         prod_ckpt = (
             _other_checkpoint(cfg, conn, prod)
-            if prod is not None and prod != the_run.model_version
+            if prod is not None and prod != run.model_version
             else None
         )
     if other is not None:
@@ -550,7 +546,7 @@ def evaluation_rows(
     return rows
 
 
-def write_rows(conn: psycopg.Connection, cfg: Config, the_run: runs.Run, rows: list[tuple]) -> None:
+def write_rows(conn: psycopg.Connection, cfg: Config, run: runs.Run, rows: list[tuple]) -> None:
     from psycopg import sql
 
     t = runs.table(cfg, "model_evaluations")
@@ -559,7 +555,7 @@ def write_rows(conn: psycopg.Connection, cfg: Config, the_run: runs.Run, rows: l
             "delete from {} where model_version = %s and split = %s and cycle = ''"
             " and not (slice || '|' || metric = any(%s))"
         ).format(t),
-        (the_run.model_version, SPLIT, [f"{r[0]}|{r[1]}" for r in rows]),
+        (run.model_version, SPLIT, [f"{r[0]}|{r[1]}" for r in rows]),
     )
     q = sql.SQL(
         "insert into {} (model_version, training_run_id, dataset_hash, split, slice, metric, value, status, n,"
@@ -570,6 +566,4 @@ def write_rows(conn: psycopg.Connection, cfg: Config, the_run: runs.Run, rows: l
         " ci_high = excluded.ci_high, updated_at = now()"
     ).format(t)
     with conn.cursor() as cur:
-        cur.executemany(
-            q, [(the_run.model_version, the_run.id, the_run.dataset_hash, SPLIT, *r) for r in rows]
-        )
+        cur.executemany(q, [(run.model_version, run.id, run.dataset_hash, SPLIT, *r) for r in rows])

@@ -538,11 +538,11 @@ def already_exported(
 
 def run(
     cfg: Config,
-    run: str | int = "latest",
+    run_ref: str | int = "latest",
     *,
     graph_hook: Callable[[onnx.ModelProto], None] | None = None,
 ) -> dict[str, Any]:
-    """Export the best checkpoint of ``run`` (an id, a model version or "latest") to ONNX,
+    """Export the best checkpoint of ``run_ref`` (an id, a model version or "latest") to ONNX,
     gate it on parity, record it; returns the summary (also in ``params_json['onnx']``).
 
     ``graph_hook(model)`` is called on the graph that is about to be checked (after
@@ -550,42 +550,39 @@ def run(
     """
     log = logs.get_logger()
     started = time.monotonic()
-    with runs.claim(cfg, "export-onnx", run) as (the_run, skipped):
+    with runs.claim(cfg, "export-onnx", run_ref) as (run, skipped):
         if skipped:
             return skipped
-        runs.require(the_run, "evaluated")
-        run_paths = paths.of(cfg).run(the_run.model_version)
+        runs.require(run, "evaluated")
+        run_paths = paths.of(cfg).run(run.model_version)
         sweep_temp(run_paths.root, recursive=False)
-        best = runs.verified_best_checkpoint(
-            cfg, the_run, then=", then evaluate and export-onnx again"
-        )
+        best = runs.verified_best_checkpoint(cfg, run, then=", then evaluate and export-onnx again")
         ckpt_sha = sha256_file(best)
-        manifests = {s: verified_manifest(cfg, the_run, s) for s in ("val", "test")}
+        manifests = {s: verified_manifest(cfg, run, s) for s in ("val", "test")}
         short_side = int(
-            (the_run.params.get("cache") or {}).get("train_short_side")
-            or cfg.cache.train_short_side
+            (run.params.get("cache") or {}).get("train_short_side") or cfg.cache.train_short_side
         )
         key = export_key(
             cfg,
             ckpt_sha,
             manifests,
             short_side,
-            (the_run.params.get("evaluate") or {}).get("calibration"),
+            (run.params.get("evaluate") or {}).get("calibration"),
         )
-        done, why = already_exported(the_run, run_paths, key)
+        done, why = already_exported(run, run_paths, key)
         if done is not None:
             log.info("onnx_export_already_done", onnx=str(run_paths.onnx))
             return done | {"seconds": round(time.monotonic() - started, 3)}
-        if the_run.reached("registered"):
+        if run.reached("registered"):
             raise InputError(
-                f"run {the_run.model_version} is registered but its export {why}; the registered "
-                f"copy under {paths.of(cfg).model(the_run.model_version).root} is the record: "
+                f"run {run.model_version} is registered but its export {why}; the registered "
+                f"copy under {paths.of(cfg).model(run.model_version).root} is the record: "
                 f"restore {run_paths.onnx} from it"
             )
-        if the_run.reached("onnx_exported"):
+        if run.reached("onnx_exported"):
             log.info("onnx_export_redone", reason=why)
         summary, parity_doc, model_bytes = _export_and_check(
-            cfg, the_run, best, ckpt_sha, manifests, short_side, key, graph_hook
+            cfg, run, best, ckpt_sha, manifests, short_side, key, graph_hook
         )
         # A lost lock (docs/faults.md 27): a twin may be exporting too; write nothing.
         db.check_locks()
@@ -603,7 +600,7 @@ def run(
             "parity_sha256": sha256_bytes(parity_text.encode()),
         }
         with db.connect(cfg) as conn:
-            runs.set_status(conn, cfg, the_run.id, "onnx_exported", step="onnx", summary=summary)
+            runs.set_status(conn, cfg, run.id, "onnx_exported", step="onnx", summary=summary)
         summary["seconds"] = round(time.monotonic() - started, 3)
         log.info(
             "onnx_exported",
@@ -618,7 +615,7 @@ def run(
 
 def _export_and_check(
     cfg: Config,
-    the_run: runs.Run,
+    run: runs.Run,
     best: Path,
     ckpt_sha: str,
     manifests: dict[str, Path],
@@ -641,10 +638,10 @@ def _export_and_check(
     threads = cfg.train.threads or available_cpus()
     torch.set_num_threads(threads)
     model, ckpt = train_model.model_from_checkpoint(best)
-    if ckpt.get("dataset_hash") != the_run.dataset_hash:
+    if ckpt.get("dataset_hash") != run.dataset_hash:
         raise InputError(
             f"{best} was trained on dataset {ckpt.get('dataset_hash')}, "
-            f"the run has {the_run.dataset_hash}"
+            f"the run has {run.dataset_hash}"
         )
     spec = ckpt["spec"]
     target, size = spec["target"], int(spec["input_size"])
@@ -652,7 +649,7 @@ def _export_and_check(
     root = cfg.artifacts_dir
 
     # the calibration evaluate fitted on the validation split (and showed in its report)
-    knots = evaluated_calibration(the_run, target)
+    knots = evaluated_calibration(run, target)
 
     test = pq.read_table(
         manifests["test"], columns=["snapshot_id", "image_path", "train_image_path"]
@@ -683,7 +680,7 @@ def _export_and_check(
     if graph_hook is not None:
         graph_hook(graph)
     preprocessing = preprocessing_spec(short_side, size, cfg.cache.max_pixels, cfg.cache.formats)
-    set_metadata(graph, the_run, target, preprocessing, knots, threshold, ckpt_sha)
+    set_metadata(graph, run, target, preprocessing, knots, threshold, ckpt_sha)
     model_bytes = graph.SerializeToString()
 
     session = ort_session(model_bytes, threads)
@@ -745,7 +742,7 @@ def _export_and_check(
 
     summary: dict[str, Any] = {
         "status": "onnx_exported",
-        "model_version": the_run.model_version,
+        "model_version": run.model_version,
         "export_key": key,
         "checkpoint_sha256": ckpt_sha,
         "onnx_sha256": sha256_bytes(model_bytes),
@@ -772,7 +769,7 @@ def _export_and_check(
         },
     }
     parity_doc = {
-        "model_version": the_run.model_version,
+        "model_version": run.model_version,
         "onnx_sha256": summary["onnx_sha256"],
         "parity": parity,
         "calibration": knots,
@@ -798,7 +795,7 @@ class _Clock:
 
 def set_metadata(
     graph: onnx.ModelProto,
-    the_run: runs.Run,
+    run: runs.Run,
     target: str,
     preprocessing: dict[str, Any],
     knots: dict[str, Any],
@@ -813,7 +810,7 @@ def set_metadata(
     onnx.helper.set_model_props(
         graph,
         {
-            "model_version": the_run.model_version,
+            "model_version": run.model_version,
             "target": target,
             "raw_score": RAW_SCORE_MEANING[target],
             "score_mapping": SCORE_MAPPING[target],
@@ -823,14 +820,14 @@ def set_metadata(
             "io": json.dumps(io_spec(graph), sort_keys=True),
             "calibration": json.dumps(knots, sort_keys=True),
             "good_threshold": repr(threshold),
-            "dataset_hash": str(the_run.dataset_hash),
+            "dataset_hash": str(run.dataset_hash),
             "checkpoint_sha256": ckpt_sha,
             "exporter": EXPORTER,
             "exported_by": "airatings export-onnx",
         },
     )
     graph.doc_string = (
-        f"airatings {the_run.model_version}: uint8 RGB NHWC image (any size) -> raw_score "
+        f"airatings {run.model_version}: uint8 RGB NHWC image (any size) -> raw_score "
         f"({RAW_SCORE_MEANING[target]}); aiRating = the calibration knots applied to raw_score"
     )
 

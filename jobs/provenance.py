@@ -295,14 +295,15 @@ def snapshot_detail(
     return out
 
 
-def run(cfg: Config, version: str, snapshot: int | None = None) -> dict[str, Any]:
-    """`airatings provenance VERSION [--snapshot ID]`."""
+def run(cfg: Config, run_ref: str | int, snapshot: int | None = None) -> dict[str, Any]:
+    """`airatings provenance VERSION [--snapshot ID]` (``run_ref``: a model version, a run id
+    or "latest")."""
     with db.connect(cfg) as conn:
-        the_run = runs.get_run(conn, cfg, version)
+        run = runs.get_run(conn, cfg, run_ref)
         if snapshot is not None:
             return {
                 "status": "done",
-                "model_version": the_run.model_version,
-                "snapshot": snapshot_detail(conn, cfg, the_run, snapshot),
+                "model_version": run.model_version,
+                "snapshot": snapshot_detail(conn, cfg, run, snapshot),
             }
-        return {"status": "done", **summary(conn, cfg, the_run)}
+        return {"status": "done", **summary(conn, cfg, run)}

@@ -69,12 +69,12 @@ SCORER_INTERFACE = {
 
 def run(
     cfg: Config,
-    run: str | int = "latest",
+    run_ref: str | int = "latest",
     promote: bool = False,
     force: bool = False,
     reason: str | None = None,
 ) -> dict[str, Any]:
-    """Register ``run`` (an id, a model version or "latest"); with ``promote``, then promote it.
+    """Register ``run_ref`` (an id, a model version or "latest"); with ``promote``, then promote it.
     Returns the summary (also recorded in ``params_json['register']``)."""
     log = logs.get_logger()
     started = time.monotonic()
@@ -84,27 +84,27 @@ def run(
     if force and not reason:
         raise InputError("--force needs --reason TEXT: why this version goes to production")
     registry.require_tables(cfg)
-    with runs.claim(cfg, "register", run) as (the_run, skipped):
+    with runs.claim(cfg, "register", run_ref) as (run, skipped):
         if skipped:
             if promote:
                 skipped["reason"] += "; not promoted either: re-run with --promote once it is done"
             return skipped
-        model_paths = paths.of(cfg).model(the_run.model_version)
+        model_paths = paths.of(cfg).model(run.model_version)
         sweep_temp(model_paths.root, recursive=False)
-        if the_run.status == "registered":
-            summary = already_registered(cfg, the_run)
+        if run.status == "registered":
+            summary = already_registered(cfg, run)
             log.info("register_already_done", model_dir=str(model_paths.root))
         else:
-            runs.require(the_run, "onnx_exported")
-            summary = _register(cfg, the_run)
+            runs.require(run, "onnx_exported")
+            summary = _register(cfg, run)
     if promote:
         try:
             summary["promotion"] = registry.promote(
-                cfg, the_run.model_version, force=force, reason=reason
+                cfg, run.model_version, force=force, reason=reason
             )
         except InputError as exc:
             raise InputError(
-                f"{the_run.model_version} is registered ({summary['status']}) but was not "
+                f"{run.model_version} is registered ({summary['status']}) but was not "
                 f"promoted: {exc}"
             ) from None
     summary["seconds"] = round(time.monotonic() - started, 3)
@@ -114,11 +114,11 @@ def run(
 # ---- already registered ----------------------------------------------------------------------
 
 
-def already_registered(cfg: Config, the_run: runs.Run) -> dict[str, Any]:
+def already_registered(cfg: Config, run: runs.Run) -> dict[str, Any]:
     """The registered files verify and the run's export is the same bytes; else InputError."""
-    v = the_run.model_version
+    v = run.model_version
     _, card = registry.read_verified(cfg, v)
-    rec = the_run.params.get("register") or {}
+    rec = run.params.get("register") or {}
     model_paths = paths.of(cfg).model(v)
     for name, path in (
         ("release_env", model_paths.release_env),
@@ -142,12 +142,12 @@ def already_registered(cfg: Config, the_run: runs.Run) -> dict[str, Any]:
 # ---- registering -----------------------------------------------------------------------------
 
 
-def _register(cfg: Config, the_run: runs.Run) -> dict[str, Any]:
+def _register(cfg: Config, run: runs.Run) -> dict[str, Any]:
     log = logs.get_logger()
-    v = the_run.model_version
+    v = run.model_version
     run_paths = paths.of(cfg).run(v)
     model_paths = paths.of(cfg).model(v)
-    onnx_rec = the_run.params.get("onnx") or {}
+    onnx_rec = run.params.get("onnx") or {}
     onnx_sha = onnx_rec.get("onnx_sha256")
     if not onnx_sha or not onnx_rec.get("parity_sha256"):
         raise InputError(
@@ -168,20 +168,20 @@ def _register(cfg: Config, the_run: runs.Run) -> dict[str, Any]:
         )
 
     data = _verified_model_bytes(run_paths.onnx, onnx_sha, v)
-    eval_rec = the_run.params.get("evaluate") or {}
+    eval_rec = run.params.get("evaluate") or {}
     if not eval_rec.get("metrics_sha256"):
         raise InputError(f"run {v} has no evaluation on record; run 'airatings evaluate --run {v}'")
     result = _verified_json(run_paths.metrics, eval_rec["metrics_sha256"], v, "evaluate")
 
     with db.connect(cfg, autocommit=True) as conn:
-        labels = label_counts(conn, cfg, the_run)
+        labels = label_counts(conn, cfg, run)
         trained_at = conn.execute(
             sql.SQL("select trained_at from {} where id = %s").format(
                 runs.table(cfg, "model_training_runs")
             ),
-            (the_run.id,),
+            (run.id,),
         ).fetchone()[0]
-    card = build_card(cfg, the_run, onnx_rec, result, labels, trained_at, len(data), threshold)
+    card = build_card(cfg, run, onnx_rec, result, labels, trained_at, len(data), threshold)
     card_bytes = (json.dumps(card, indent=2, sort_keys=True, allow_nan=False) + "\n").encode()
     env_bytes = release_env(cfg, v, onnx_sha, threshold).encode()
     configmap_bytes = configmap(cfg, v, onnx_sha, threshold).encode()
@@ -226,7 +226,7 @@ def _register(cfg: Config, the_run: runs.Run) -> dict[str, Any]:
                 "select status, params_json -> 'onnx' ->> 'onnx_sha256' from {}"
                 " where id = %s for update"
             ).format(runs.table(cfg, "model_training_runs")),
-            (the_run.id,),
+            (run.id,),
         ).fetchone()
         if status != "onnx_exported" or sha_now != onnx_sha:
             raise InputError(
@@ -236,7 +236,7 @@ def _register(cfg: Config, the_run: runs.Run) -> dict[str, Any]:
         runs.set_status(
             conn,
             cfg,
-            the_run.id,
+            run.id,
             "registered",
             step="register",
             summary=record,
@@ -324,7 +324,7 @@ def _write_once(path: Path, content: bytes, v: str, folder: Path) -> None:
 # ---- what goes into the card ----------------------------------------------------------------
 
 
-def label_counts(conn: psycopg.Connection, cfg: Config, the_run: runs.Run) -> dict[str, Any]:
+def label_counts(conn: psycopg.Connection, cfg: Config, run: runs.Run) -> dict[str, Any]:
     """Labels the run was offered, used and excluded (by reason), from the provenance rows;
     checked against what the cache step recorded (``params_json['cache']['labels']``)."""
     rows = conn.execute(
@@ -332,7 +332,7 @@ def label_counts(conn: psycopg.Connection, cfg: Config, the_run: runs.Run) -> di
             "select used_in_training, exclusion_reason, count(*) from {}"
             " where training_run_id = %s group by 1, 2 order by 1, 2"
         ).format(runs.table(cfg, "model_training_snapshot_labels")),
-        (the_run.id,),
+        (run.id,),
     ).fetchall()
     used = sum(n for u, _, n in rows if u is True)
     excluded = sum(n for u, _, n in rows if u is False)
@@ -343,11 +343,11 @@ def label_counts(conn: psycopg.Connection, cfg: Config, the_run: runs.Run) -> di
         "not_recorded": sum(n for u, _, n in rows if u is None),
         "excluded_by_reason": {r: n for u, r, n in rows if u is False},
     }
-    recorded = (the_run.params.get("cache") or {}).get("labels")
+    recorded = (run.params.get("cache") or {}).get("labels")
     if recorded and any(recorded.get(k) != counts[k] for k in ("used", "excluded", "offered")):
         raise InputError(
-            f"run {the_run.model_version}: the cache step recorded labels {recorded}, the "
-            f"provenance rows say {counts}; re-run 'airatings cache --run {the_run.model_version}'"
+            f"run {run.model_version}: the cache step recorded labels {recorded}, the "
+            f"provenance rows say {counts}; re-run 'airatings cache --run {run.model_version}'"
         )
     return counts
 
@@ -386,7 +386,7 @@ def metrics_summary(result: dict[str, Any]) -> dict[str, Any]:
 
 def build_card(
     cfg: Config,
-    the_run: runs.Run,
+    run: runs.Run,
     onnx_rec: dict[str, Any],
     result: dict[str, Any],
     labels: dict[str, Any],
@@ -395,9 +395,9 @@ def build_card(
     threshold: float,
 ) -> dict[str, Any]:
     """model_card.json: a pure function of the recorded inputs (docs/architecture.md's contract)."""
-    v = the_run.model_version
-    train_rec = the_run.params.get("train") or {}
-    export_rec = the_run.params.get("export") or {}
+    v = run.model_version
+    train_rec = run.params.get("train") or {}
+    export_rec = run.params.get("export") or {}
     io = onnx_rec.get("io") or {}
     gate = result.get("capture_gate") or {}
     gate_metrics = gate.get("metrics") or {}
@@ -433,10 +433,10 @@ def build_card(
         },
         "scorer_interface": SCORER_INTERFACE,
         "training_run": {
-            "id": the_run.id,
+            "id": run.id,
             "model_version": v,
             "trained_at": trained_at.isoformat() if trained_at else None,
-            "config_hash": the_run.config_hash,
+            "config_hash": run.config_hash,
             "checkpoint_sha256": onnx_rec.get("checkpoint_sha256"),
             "spec": train_rec.get("spec"),
             "best_epoch": train_rec.get("best_epoch"),
@@ -447,7 +447,7 @@ def build_card(
             "val_rows": train_rec.get("val_rows"),
         },
         "dataset": {
-            "hash": the_run.dataset_hash,
+            "hash": run.dataset_hash,
             "counts": export_rec.get("counts"),
         },
         "labels": labels,
@@ -463,7 +463,7 @@ def build_card(
             "calibration_after": result.get("calibration_after"),
             "baselines": result.get("baselines"),
             "production": result.get("production"),
-            "metrics_sha256": (the_run.params.get("evaluate") or {}).get("metrics_sha256"),
+            "metrics_sha256": (run.params.get("evaluate") or {}).get("metrics_sha256"),
         },
         "parity": onnx_rec.get("parity"),
         "original_vs_training_copy": onnx_rec.get("original_vs_training_copy"),

@@ -63,31 +63,31 @@ def _export(cfg: Config, run_ref: str | None, *, notes: str | None = None) -> di
 def _cache(cfg: Config, run_ref: str) -> dict[str, Any]:
     from jobs import cache
 
-    return cache.run(cfg, run=run_ref)
+    return cache.run(cfg, run_ref=run_ref)
 
 
 def _train(cfg: Config, run_ref: str) -> dict[str, Any]:
     from jobs import train
 
-    return train.run(cfg, run=run_ref)
+    return train.run(cfg, run_ref=run_ref)
 
 
 def _evaluate(cfg: Config, run_ref: str) -> dict[str, Any]:
     from jobs import evaluate
 
-    return evaluate.run(cfg, run=run_ref)
+    return evaluate.run(cfg, run_ref=run_ref)
 
 
 def _export_onnx(cfg: Config, run_ref: str) -> dict[str, Any]:
     from jobs import onnx_export
 
-    return onnx_export.run(cfg, run=run_ref)
+    return onnx_export.run(cfg, run_ref=run_ref)
 
 
 def _register(cfg: Config, run_ref: str, *, promote: bool = False) -> dict[str, Any]:
     from jobs import register
 
-    return register.run(cfg, run=run_ref, promote=promote)
+    return register.run(cfg, run_ref=run_ref, promote=promote)
 
 
 # The order of a release.
@@ -181,19 +181,19 @@ def run(
                     "steps": steps,
                 }
     with db.connect(cfg) as conn:
-        final = runs.get_run(conn, cfg, run_ref)
+        run = runs.get_run(conn, cfg, run_ref)
     evaluated = steps.get("evaluate", {})
     registered = steps.get("register", {})
-    onnx = final.params.get("onnx") or {}
+    onnx = run.params.get("onnx") or {}
     return {
-        "status": "released" if final.reached(FINAL_STATUS) else final.status,
+        "status": "released" if run.reached(FINAL_STATUS) else run.status,
         "model_version": run_ref,
-        "run_status": final.status,
+        "run_status": run.status,
         "resumed": resumed is not None,
-        "dataset_hash": final.dataset_hash,
-        "dataset_dir": (final.params.get("export") or {}).get("dataset_dir"),
-        "counts": (final.params.get("export") or {}).get("counts"),
-        "labels": (final.params.get("cache") or {}).get("labels"),
+        "dataset_hash": run.dataset_hash,
+        "dataset_dir": (run.params.get("export") or {}).get("dataset_dir"),
+        "counts": (run.params.get("export") or {}).get("counts"),
+        "labels": (run.params.get("cache") or {}).get("labels"),
         "headline": evaluated.get("headline"),
         "report": evaluated.get("report"),
         "parity": _parity_brief(onnx.get("parity")),

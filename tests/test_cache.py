@@ -98,7 +98,7 @@ def test_cache_end_to_end(ccfg, server: Server) -> None:
     urls = [*good, good[0], *odd, *bad, None]
     run = make_exported_run(cfg, urls)
 
-    summary = cache.run(cfg, run=run.model_version, env={})
+    summary = cache.run(cfg, run_ref=run.model_version, env={})
     assert summary["status"] == "cached"
     assert summary["rows"] == len(urls) and summary["failed_rows"] == len(bad) + 1
     assert server.hits["/img/g0.jpg"] == 1  # distinct URLs once
@@ -154,14 +154,14 @@ def test_cache_end_to_end(ccfg, server: Server) -> None:
 
     # The same run again: already done, no requests.
     server.reset()
-    again = cache.run(cfg, run=run.model_version, env={})
+    again = cache.run(cfg, run_ref=run.model_version, env={})
     assert again["status"] == "already_done" and server.total_requests == 0
 
 
 def test_resume_makes_zero_requests(ccfg, server: Server) -> None:
     cfg = ccfg()
     urls = good_urls(server, 30, prefix="r")
-    first = cache.run(cfg, run=make_exported_run(cfg, urls).model_version, env={})
+    first = cache.run(cfg, run_ref=make_exported_run(cfg, urls).model_version, env={})
     assert first["fetch"]["fetched"] == 30
     # Lose one training copy (e.g. a changed volume): rebuilt from the original, no request.
     sha = (
@@ -172,7 +172,7 @@ def test_resume_makes_zero_requests(ccfg, server: Server) -> None:
     (paths.of(cfg).images.train_copy(sha, 256)).unlink()
     server.reset()
     run2 = make_exported_run(cfg, urls[::-1] + [None], version="test_v2_resume_2")
-    second = cache.run(cfg, run=run2.model_version, env={})
+    second = cache.run(cfg, run_ref=run2.model_version, env={})
     assert server.total_requests == 0
     assert second["fetch"]["requests"] == 0 and second["fetch"]["from_index"] == 30
     assert second["fetch"]["train_copies_regenerated"] == 1
@@ -183,7 +183,7 @@ def test_resume_makes_zero_requests(ccfg, server: Server) -> None:
 def test_a_damaged_cached_original_is_fetched_again(ccfg, server: Server) -> None:
     cfg = ccfg()
     urls = good_urls(server, 3, prefix="d")
-    first = cache.run(cfg, run=make_exported_run(cfg, urls).model_version, env={})
+    first = cache.run(cfg, run_ref=make_exported_run(cfg, urls).model_version, env={})
     t = pq.read_table(first["active_dir"] + "/manifest_train.parquet")
     sha, orig = t.column("image_sha256")[0].as_py(), t.column("image_path")[0].as_py()
     good_bytes = (cfg.artifacts_dir / orig).read_bytes()
@@ -192,7 +192,7 @@ def test_a_damaged_cached_original_is_fetched_again(ccfg, server: Server) -> Non
     (paths.of(cfg).images.train_copy(sha, 256)).unlink()
     server.reset()
     second = cache.run(
-        cfg, run=make_exported_run(cfg, urls, version="test_v2_damaged_2").model_version, env={}
+        cfg, run_ref=make_exported_run(cfg, urls, version="test_v2_damaged_2").model_version, env={}
     )
     assert second["active_rows"] == 3 and second["failed_rows"] == 0
     assert server.total_requests == 1 and second["fetch"]["fetched"] == 1
@@ -231,7 +231,7 @@ def test_an_index_hit_is_rechecked_against_the_current_config(
         "name": f"http://localhost:{server.port}/img/plain.jpg",  # resolves to loopback
     }
     first = make_exported_run(permissive, list(urls.values()))
-    out = cache.run(permissive, run=first.model_version, env={})
+    out = cache.run(permissive, run_ref=first.model_version, env={})
     assert out["active_rows"] == len(urls) and out["failed_rows"] == 0
     with db.connect(permissive) as conn:
         w, h = conn.execute(
@@ -243,7 +243,7 @@ def test_an_index_hit_is_rechecked_against_the_current_config(
         cfg = ccfg(cache__failure_rate_limit=1.0, **kw)
         server.reset()
         run = make_exported_run(cfg, list(urls.values()), version=version)
-        summary = cache.run(cfg, run=run.model_version, env={})
+        summary = cache.run(cfg, run_ref=run.model_version, env={})
         assert server.total_requests == 0 and summary["fetch"]["files_read"] == 0
         assert summary["fetch"]["requests"] == 0
         fails = read_failures(cfg, run)
@@ -290,7 +290,7 @@ def test_an_index_hit_is_rechecked_against_the_current_config(
     # The permissive config still uses every cached file: nothing was dropped from the index.
     server.reset()
     again = make_exported_run(permissive, list(urls.values()), version="test_v2_recheck_4")
-    out = cache.run(permissive, run=again.model_version, env={})
+    out = cache.run(permissive, run_ref=again.model_version, env={})
     assert out["active_rows"] == len(urls) and out["fetch"]["from_index"] == len(urls)
     assert server.total_requests == 0
 
@@ -316,7 +316,7 @@ def test_a_changed_export_manifest_is_refused_exit_2(ccfg, server: Server) -> No
     manifest = cache._dataset(cfg, run).manifest("train")
     rewrite_one_label(manifest)
     with pytest.raises(InputError, match="manifest_train.parquet changed after the export"):
-        cache.run(cfg, run=run.model_version, env={})
+        cache.run(cfg, run_ref=run.model_version, env={})
     env = {
         **os.environ,
         **air_env(
@@ -344,34 +344,34 @@ def test_already_cached_is_checked_not_assumed(ccfg, server: Server) -> None:
     cfg = ccfg()
     urls = good_urls(server, 12, prefix="a") + [server.url("/status/404")]
     run = make_exported_run(cfg, urls)
-    first = cache.run(cfg, run=run.model_version, env={})
+    first = cache.run(cfg, run_ref=run.model_version, env={})
     active = paths.of(cfg).run(run.model_version).active_manifests
     written = {s: p.read_bytes() for s, p in active.items()}
     assert set(first["active_files"]) == {p.name for p in active.values()}
 
     active["val"].unlink()
     server.reset()
-    again = cache.run(cfg, run=run.model_version, env={})
+    again = cache.run(cfg, run_ref=run.model_version, env={})
     assert again["status"] == "cached" and server.total_requests == 0
     assert active["val"].read_bytes() == written["val"]
 
     rewrite_one_label(active["train"])  # still a valid Parquet file, one label changed
-    again = cache.run(cfg, run=run.model_version, env={})
+    again = cache.run(cfg, run_ref=run.model_version, env={})
     assert again["status"] == "cached" and server.total_requests == 0
     assert {s: p.read_bytes() for s, p in active.items()} == written
     assert list(read_failures(cfg, run).values()) == ["http_404"]
-    assert cache.run(cfg, run=run.model_version, env={})["status"] == "already_done"
+    assert cache.run(cfg, run_ref=run.model_version, env={})["status"] == "already_done"
 
     # A sharded run: --merge redoes the merge from the shard outputs.
     run2 = make_exported_run(cfg, urls, version="test_v2_checked_2")
     for shard in ("0/2", "1/2"):
-        cache.run(cfg, run=run2.model_version, shard=shard, env={})
-    cache.run(cfg, run=run2.model_version, merge=True, env={})
+        cache.run(cfg, run_ref=run2.model_version, shard=shard, env={})
+    cache.run(cfg, run_ref=run2.model_version, merge=True, env={})
     paths2 = paths.of(cfg).run(run2.model_version).active_manifests
     before = paths2["test"].read_bytes()
     rewrite_one_label(paths2["test"])
     server.reset()
-    merged = cache.run(cfg, run=run2.model_version, merge=True, env={})
+    merged = cache.run(cfg, run_ref=run2.model_version, merge=True, env={})
     assert merged["status"] == "cached" and paths2["test"].read_bytes() == before
     assert server.total_requests == 0
 
@@ -385,7 +385,7 @@ def test_failure_rate_over_the_limit_fails_loudly(ccfg, server: Server) -> None:
     )
     run = make_exported_run(cfg, urls)
     with pytest.raises(InputError) as err:
-        cache.run(cfg, run=run.model_version, env={})
+        cache.run(cfg, run_ref=run.model_version, env={})
     msg = str(err.value)
     assert "4 of 10 images failed" in msg and "http_404 3" in msg and "not_an_image 1" in msg
     assert not any(
@@ -410,7 +410,7 @@ def test_failure_rate_over_the_limit_from_transient_failures_exits_75(ccfg, serv
     )
     run = make_exported_run(cfg, urls)
     with pytest.raises(TransientError) as err:
-        cache.run(cfg, run=run.model_version, env={})
+        cache.run(cfg, run_ref=run.model_version, env={})
     assert err.value.exit_code == 75
     msg = str(err.value)
     assert "7 of 11 images failed" in msg and "6 of them transient" in msg
@@ -477,17 +477,17 @@ def test_shards_then_merge_equal_the_unsharded_result(ccfg, server: Server) -> N
     urls = good_urls(server, 20, prefix="s") + [server.url("/status/404")]
     run = make_exported_run(cfg, urls)
     with pytest.raises(InputError, match="no cache shard outputs"):
-        cache.run(cfg, run=run.model_version, merge=True, env={})
-    s0 = cache.run(cfg, run=run.model_version, shard="0/2", env={})
+        cache.run(cfg, run_ref=run.model_version, merge=True, env={})
+    s0 = cache.run(cfg, run_ref=run.model_version, shard="0/2", env={})
     assert s0["status"] == "shard_done"
     with pytest.raises(InputError, match=r"shards \[1\] of 2"):
-        cache.run(cfg, run=run.model_version, merge=True, env={})
+        cache.run(cfg, run_ref=run.model_version, merge=True, env={})
     s1 = cache.run(
-        cfg, run=run.model_version, env={"JOB_COMPLETION_INDEX": "1", "JOB_COMPLETIONS": "2"}
+        cfg, run_ref=run.model_version, env={"JOB_COMPLETION_INDEX": "1", "JOB_COMPLETIONS": "2"}
     )
     assert s1["shard"] == "1/2" and s0["urls"] + s1["urls"] == 21
     assert server.total_requests == 21  # each URL fetched by exactly one shard
-    merged = cache.run(cfg, run=run.model_version, merge=True, env={})
+    merged = cache.run(cfg, run_ref=run.model_version, merge=True, env={})
     assert merged["status"] == "cached" and merged["active_rows"] == 20 and merged["shards"] == 2
     assert list(read_failures(cfg, run).values()) == ["http_404"]
 
@@ -519,7 +519,7 @@ def test_second_concurrent_run_exits_zero_saying_why(ccfg, server: Server) -> No
     run = make_exported_run(cfg, good_urls(server, 2, prefix="l"))
     with db.job_lock(cfg, "cache", run.id) as held:
         assert held
-        out = cache.run(cfg, run=run.model_version, env={})
+        out = cache.run(cfg, run_ref=run.model_version, env={})
     assert out["status"] == "skipped" and "lock" in out["reason"]
     assert server.total_requests == 0 and cache_files(cfg) == []
 
@@ -548,7 +548,9 @@ def test_stale_temp_files_are_swept(ccfg, server: Server) -> None:
     dead_body.write_bytes(b"killed mid-download")
     try:
         cache.run(
-            cfg, run=make_exported_run(cfg, good_urls(server, 2, prefix="t")).model_version, env={}
+            cfg,
+            run_ref=make_exported_run(cfg, good_urls(server, 2, prefix="t")).model_version,
+            env={},
         )
         assert not stale.exists() and fresh.exists()
         assert live_body.exists() and not dead_body.exists()
@@ -574,7 +576,7 @@ def test_file_urls_in_the_demo_config(make_cfg, server: Server, tmp_path: Path) 
         (pics / "gone.jpg").as_uri(),
     ]
     run = make_exported_run(cfg, urls)
-    out = cache.run(cfg, run=run.model_version, env={})
+    out = cache.run(cfg, run_ref=run.model_version, env={})
     assert (
         out["active_rows"] == 3 and out["fetch"]["files_read"] == 7 and server.total_requests == 0
     )

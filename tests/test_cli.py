@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import subprocess
@@ -77,8 +78,9 @@ COMMANDS = {
 
 @pytest.mark.parametrize("words", list(COMMANDS), ids=" ".join)
 def test_every_command_hands_its_job_function_to_run_job(words, monkeypatch):
-    """The CLI imports the function it runs: a renamed or moved job function fails here, in
-    the tests, not when a person runs the command."""
+    """The CLI imports the function it runs: a renamed or moved job function, or a renamed
+    parameter (``run`` -> ``run_ref``), fails here, in the tests, not when a person runs the
+    command."""
     from typer.testing import CliRunner
 
     from jobs import cli
@@ -87,12 +89,15 @@ def test_every_command_hands_its_job_function_to_run_job(words, monkeypatch):
 
     def record(job, func, config, as_json, **kwargs):
         seen["func"] = func
+        seen["kwargs"] = kwargs
 
     monkeypatch.setattr(cli, "run_job", record)
     result = CliRunner().invoke(cli.app, list(words))
     assert result.exit_code == 0, result.output
     func = seen["func"]
     assert f"{func.__module__}.{func.__qualname__}" == COMMANDS[words]
+    # run_job calls func(cfg, **kwargs): every keyword the command passes must be a parameter
+    inspect.signature(func).bind(object(), **seen["kwargs"])
 
 
 @pytest.mark.parametrize(

@@ -98,7 +98,7 @@ def fixture_dir(npm, request, pg_server, tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("node_scorer")
     with registry_for_test(pg_server, tmp, base) as reg:
         reg.clone(V)
-        assert register_job.run(reg.cfg, run=V)["status"] == "registered"
+        assert register_job.run(reg.cfg, run_ref=V)["status"] == "registered"
         onnx_path, card = registry.load_verified(reg.cfg, V)
         images = pick_images(reg.cfg, V, first=4, near=4)
         assert len(images) == 8

@@ -128,7 +128,7 @@ def test_export_checks_parity_records_and_redoes_a_tampered_file(trained):
     dead.wait()
     stale = run_paths.root / f".tmp-h{owner_tag()}-p{dead.pid}-0123456789ab-model.onnx"
     stale.write_bytes(b"half a model")
-    out = onnx_export.run(cfg, run=version)
+    out = onnx_export.run(cfg, run_ref=version)
     assert not stale.exists()  # swept on the next start
 
     assert out["status"] == "onnx_exported" and run_status(cfg, run_id)[0] == "onnx_exported"
@@ -207,14 +207,14 @@ def test_export_checks_parity_records_and_redoes_a_tampered_file(trained):
     assert len(sizes) == 2
 
     # a re-run finds the work done ...
-    again = onnx_export.run(cfg, run=version)
+    again = onnx_export.run(cfg, run_ref=version)
     assert again["status"] == "already_done" and again["onnx_sha256"] == out["onnx_sha256"]
 
     # ... a changed file is exported again ...
     tampered = onnx.load(run_paths.onnx)
     helper.set_model_props(tampered, {"model_version": "someone_else"})
     onnx.save(tampered, run_paths.onnx)
-    redone = onnx_export.run(cfg, run=version)
+    redone = onnx_export.run(cfg, run_ref=version)
     assert redone["status"] == "onnx_exported"
     assert hashlib.sha256(run_paths.onnx.read_bytes()).hexdigest() == redone["onnx_sha256"]
     meta = {p.key: p.value for p in load_checked(run_paths.onnx).metadata_props}
@@ -223,7 +223,8 @@ def test_export_checks_parity_records_and_redoes_a_tampered_file(trained):
     # ... and so is a missing one
     run_paths.onnx.unlink()
     assert (
-        onnx_export.run(cfg, run=version)["status"] == "onnx_exported" and run_paths.onnx.is_file()
+        onnx_export.run(cfg, run_ref=version)["status"] == "onnx_exported"
+        and run_paths.onnx.is_file()
     )
     assert not list(run_paths.root.glob(".tmp-*"))
 
@@ -243,7 +244,7 @@ def test_a_perturbed_graph_fails_the_gate_and_writes_nothing(trained):
                 seen.append(init.name)
 
     with pytest.raises(InputError, match=r"parity gate failed: .* above the tolerance") as err:
-        onnx_export.run(cfg, run=version, graph_hook=perturb)
+        onnx_export.run(cfg, run_ref=version, graph_hook=perturb)
     assert seen, "the head's bias is an initializer of the exported graph"
     assert err.value.exit_code == 2
     assert not run_paths.onnx.exists() and not run_paths.parity.exists()
@@ -252,7 +253,7 @@ def test_a_perturbed_graph_fails_the_gate_and_writes_nothing(trained):
     assert "onnx" not in _params(cfg, run_id)
 
     # the same run without the perturbation passes
-    assert onnx_export.run(cfg, run=version)["status"] == "onnx_exported"
+    assert onnx_export.run(cfg, run_ref=version)["status"] == "onnx_exported"
 
 
 def test_export_refuses_a_run_evaluated_without_calibration(trained):
@@ -286,7 +287,7 @@ def test_export_needs_an_evaluated_run(trained):
             (run_id,),
         )
     with pytest.raises(InputError, match="needs 'evaluated'"):
-        onnx_export.run(cfg, run=version)
+        onnx_export.run(cfg, run_ref=version)
     assert not paths.of(cfg).run(version).onnx.exists()
 
 
@@ -436,12 +437,12 @@ def test_a_changed_manifest_or_checkpoint_is_refused_before_any_work(trained):
     original = val.read_bytes()
     val.write_bytes(original + b"\0")
     with pytest.raises(InputError, match=r"manifest_val.parquet changed after it was written"):
-        onnx_export.run(cfg, run=version)
+        onnx_export.run(cfg, run_ref=version)
     val.write_bytes(original)
     best = run_paths.best_checkpoint
     best.write_bytes(best.read_bytes() + b"\0")
     with pytest.raises(InputError, match=r"best.pt changed after it was written"):
-        onnx_export.run(cfg, run=version)
+        onnx_export.run(cfg, run_ref=version)
     assert not run_paths.onnx.exists() and run_status(cfg, run_id)[0] == "evaluated"
 
 

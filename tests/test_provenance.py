@@ -45,7 +45,7 @@ def test_cache_marks_each_label_row_used_or_excluded_with_its_reason(pcfg, serve
     urls += [server.url("/status/404"), server.url("/html")]
     run = make_exported_run(pcfg, urls)
     assert {r[1] for r in _label_rows(pcfg, run.id)} == {None}  # not decided before the cache
-    summary = cache.run(pcfg, run=run.model_version, env={})
+    summary = cache.run(pcfg, run_ref=run.model_version, env={})
     assert summary["status"] == "cached"
 
     active = {

@@ -56,7 +56,7 @@ def test_register_writes_the_model_folder_and_the_row(reg, monkeypatch):
     exported = paths.of(cfg).run(V)
     onnx_rec = row_of(cfg, V)["params"]["onnx"]
 
-    out = register_job.run(cfg, run=V)
+    out = register_job.run(cfg, run_ref=V)
 
     model_paths = paths.of(cfg).model(V)
     assert out["status"] == "registered" and out["model_version"] == V
@@ -128,7 +128,7 @@ def test_register_writes_the_model_folder_and_the_row(reg, monkeypatch):
 
     # the same bytes again: already registered (exit 0), nothing rewritten
     mtimes = {p: p.stat().st_mtime_ns for p in model_paths.root.iterdir()}
-    again = register_job.run(cfg, run=V)
+    again = register_job.run(cfg, run_ref=V)
     assert again["status"] == "already_registered" and again["sha256"] == sha
     assert {p: p.stat().st_mtime_ns for p in model_paths.root.iterdir()} == mtimes
     assert row_of(cfg, V)["params"]["register"] == rec
@@ -138,14 +138,14 @@ def test_register_refuses_runs_that_are_not_exported_or_failed_parity(reg):
     cfg = reg.cfg
     reg.clone("reg_evaluated_only", status="evaluated")
     with pytest.raises(InputError, match="needs 'onnx_exported' first"):
-        register_job.run(cfg, run="reg_evaluated_only")
+        register_job.run(cfg, run_ref="reg_evaluated_only")
 
     run_id = reg.clone("reg_parity_failed")
     set_param(cfg, run_id, ["onnx", "parity", "passed"], False)
     with pytest.raises(
         InputError, match="did not pass the ONNX parity gate: nothing is registered"
     ):
-        register_job.run(cfg, run="reg_parity_failed")
+        register_job.run(cfg, run_ref="reg_parity_failed")
 
     # parity.json is checked against the sha256 export-onnx recorded
     reg.clone("reg_parity_edited")
@@ -155,14 +155,14 @@ def test_register_refuses_runs_that_are_not_exported_or_failed_parity(reg):
     doc["parity"]["tolerance"] = 1.0
     parity.write_text(json.dumps(doc))
     with pytest.raises(InputError, match="is not the file export-onnx recorded"):
-        register_job.run(cfg, run="reg_parity_edited")
+        register_job.run(cfg, run_ref="reg_parity_edited")
 
     # a changed export: not the bytes export-onnx checked
     reg.clone("reg_onnx_edited")
     exported = paths.of(cfg).run("reg_onnx_edited").onnx
     exported.write_bytes(exported.read_bytes() + b"\0")
     with pytest.raises(InputError, match="is not the .* export-onnx recorded; refusing"):
-        register_job.run(cfg, run="reg_onnx_edited")
+        register_job.run(cfg, run_ref="reg_onnx_edited")
 
     for version in (
         "reg_evaluated_only",
@@ -180,29 +180,29 @@ def test_force_needs_promote_and_a_reason_before_anything_is_written(reg):
     cfg = reg.cfg
     reg.clone(V)
     with pytest.raises(InputError, match="--force only applies to --promote"):
-        register_job.run(cfg, run=V, force=True, reason="because")
+        register_job.run(cfg, run_ref=V, force=True, reason="because")
     with pytest.raises(InputError, match="--force needs --reason TEXT"):
-        register_job.run(cfg, run=V, promote=True, force=True, reason="   ")
+        register_job.run(cfg, run_ref=V, promote=True, force=True, reason="   ")
     assert _files(cfg, V) == [] and row_of(cfg, V)["status"] == "onnx_exported"
 
 
 def test_a_registered_version_refuses_other_bytes(reg):
     cfg = reg.cfg
     reg.clone(V)
-    register_job.run(cfg, run=V)
+    register_job.run(cfg, run_ref=V)
     exported = paths.of(cfg).run(V).onnx
     exported.write_bytes(exported.read_bytes()[:-1] + b"\x01")
     with pytest.raises(InputError, match="is not the model registered as .*immutable"):
-        register_job.run(cfg, run=V)
+        register_job.run(cfg, run_ref=V)
     # the run's export gone: the registered copy is the record, still verified
     exported.unlink()
-    assert register_job.run(cfg, run=V)["status"] == "already_registered"
+    assert register_job.run(cfg, run_ref=V)["status"] == "already_registered"
 
 
 def test_a_tampered_registered_model_is_refused_by_every_loader(reg):
     cfg = reg.cfg
     reg.clone(V)
-    register_job.run(cfg, run=V)
+    register_job.run(cfg, run_ref=V)
     model = paths.of(cfg).model(V).onnx
     good = model.read_bytes()
     model.chmod(0o644)
@@ -211,7 +211,7 @@ def test_a_tampered_registered_model_is_refused_by_every_loader(reg):
         with pytest.raises(InputError, match="does not match the registered .*refusing to load"):
             load(cfg, V)
     with pytest.raises(InputError, match="does not match the registered"):
-        register_job.run(cfg, run=V)  # not "already registered"
+        register_job.run(cfg, run_ref=V)  # not "already registered"
     with pytest.raises(InputError, match="does not match the registered"):
         registry.promote(cfg, V)
     assert "FAILED" in registry.show(cfg, V)["integrity"]
@@ -237,7 +237,7 @@ def test_twin_registers_at_once_make_one_row_and_one_set_of_files(reg):
     def one() -> None:
         barrier.wait()
         try:
-            results.append(register_job.run(cfg, run=V))
+            results.append(register_job.run(cfg, run_ref=V))
         except BaseException as exc:  # noqa: BLE001 - collected and asserted below
             errors.append(exc)
 
@@ -292,7 +292,7 @@ def test_a_register_that_dies_before_its_commit_leaves_complete_files_and_reruns
                 (run_id,),
             )
             with pytest.raises(TransientError, match="lock_timeout"):
-                register_job.run(cfg, run=V)
+                register_job.run(cfg, run_ref=V)
         assert not leftover.exists()
         assert _files(cfg, V) == ["configmap.yaml", "model.onnx", "model_card.json", "release.env"]
         sha = row_of(cfg, V)["params"]["onnx"]["onnx_sha256"]
@@ -302,7 +302,7 @@ def test_a_register_that_dies_before_its_commit_leaves_complete_files_and_reruns
         with pytest.raises(InputError, match="is not registered"):
             registry.load_verified(cfg, V)
 
-        out = register_job.run(cfg, run=V)
+        out = register_job.run(cfg, run_ref=V)
         assert out["status"] == "registered" and sha256_file(model_paths.onnx) == sha
         registry.load_verified(cfg, V)
 
@@ -316,7 +316,7 @@ def test_a_register_killed_before_its_commit_is_completed_by_the_next_run(reg):
     model_paths = paths.of(cfg).model(V)
     code = (
         "import sys; from jobs.config import Config; from jobs import register as register_job; "
-        "register_job.run(Config.model_validate_json(sys.argv[1]), run=sys.argv[2])"
+        "register_job.run(Config.model_validate_json(sys.argv[1]), run_ref=sys.argv[2])"
     )
     waiting = cfg.model_copy(
         update={"database": cfg.database.model_copy(update={"lock_timeout_s": 0.0})}
@@ -352,7 +352,7 @@ def test_a_register_killed_before_its_commit_is_completed_by_the_next_run(reg):
         ]:
             assert time.monotonic() < deadline, "the killed register's lock was never released"
             time.sleep(0.1)
-    assert register_job.run(cfg, run=V)["status"] == "registered"
+    assert register_job.run(cfg, run_ref=V)["status"] == "registered"
     registry.load_verified(cfg, V)
 
 
@@ -363,11 +363,11 @@ def test_an_unregistered_leftover_with_other_bytes_is_refused_naming_the_folder(
     model_paths.root.mkdir(parents=True)
     model_paths.card.write_text("{}")  # what an older, unfinished registration left
     with pytest.raises(InputError, match=r"does not register .*remove .*re-run"):
-        register_job.run(cfg, run=V)
+        register_job.run(cfg, run_ref=V)
     assert row_of(cfg, V)["status"] == "onnx_exported"
     model_paths.card.unlink()
     (model_paths.onnx).chmod(0o644)
-    assert register_job.run(cfg, run=V)["status"] == "registered"
+    assert register_job.run(cfg, run_ref=V)["status"] == "registered"
 
 
 @pytest.mark.parametrize("location", ["weights.bin", "../../outside.bin"])
@@ -401,5 +401,5 @@ def test_a_model_with_external_data_is_not_registered(reg, location):
         run_paths.onnx.write_bytes(saved.SerializeToString())
     set_param(cfg, run_id, ["onnx", "onnx_sha256"], sha256_file(run_paths.onnx))
     with pytest.raises(InputError, match=r"tensors \['w'\] keep their data outside the file"):
-        register_job.run(cfg, run=V)
+        register_job.run(cfg, run_ref=V)
     assert _files(cfg, V) == [] and row_of(cfg, V)["status"] == "onnx_exported"

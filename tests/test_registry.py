@@ -42,7 +42,7 @@ def reg(pg_server, tmp_path, base, monkeypatch):
 def _registered(reg, *versions):
     for v in versions:
         reg.clone(v)
-        assert register_job.run(reg.cfg, run=v)["status"] == "registered"
+        assert register_job.run(reg.cfg, run_ref=v)["status"] == "registered"
 
 
 def _history(cfg):
@@ -78,12 +78,12 @@ def test_promote_needs_a_fresh_comparison_then_rollback_goes_back(reg):
     assert _production(cfg) == A and len(_history(cfg)) == 1
 
     # evaluated again (the run is registered: evaluate may still add its record), now against A
-    jobs.evaluate.run(cfg, run=B)
+    jobs.evaluate.run(cfg, run_ref=B)
     assert row_of(cfg, B)["status"] == "registered"
     compared = json.loads(paths.of(cfg).run(B).metrics.read_text())["production"]
     assert compared["model_version"] == A
     assert compared["verdict"] == "no detectable difference"  # the same weights
-    out = register_job.run(cfg, run=B, promote=True)
+    out = register_job.run(cfg, run_ref=B, promote=True)
     assert out["status"] == "already_registered"
     assert out["promotion"]["status"] == "promoted" and out["promotion"]["previous"] == A
     assert out["promotion"]["comparison"]["paired"]["verdict"] == "no detectable difference"
@@ -147,7 +147,7 @@ def test_a_worse_model_is_refused_with_the_comparison_and_force_records_why(reg)
         registry.promote(cfg, B)
     assert str(refused.value) == expected
     with pytest.raises(InputError) as refused:
-        register_job.run(cfg, run=B, promote=True)
+        register_job.run(cfg, run_ref=B, promote=True)
     assert str(refused.value) == (
         f"{B} is registered (already_registered) but was not promoted: {expected}"
     )
@@ -316,7 +316,7 @@ def test_before_the_registry_migration_every_command_says_to_migrate(make_cfg):
         lambda: registry.promote(cfg, A),
         lambda: registry.rollback(cfg),
         lambda: registry.load_verified(cfg, A),
-        lambda: register_job.run(cfg, run=A),
+        lambda: register_job.run(cfg, run_ref=A),
     ):
         with pytest.raises(
             InputError, match="registry tables do not exist yet: run 'airatings migrate'"

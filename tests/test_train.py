@@ -56,7 +56,7 @@ def _history(path):
 def test_trains_resumes_after_kill_and_reproduces_weights(fast_cfg):
     cfg = fast_cfg
     world = make_world(cfg, model_version="test_v2_2026_01_01")
-    out = jobs.train.run(cfg, run=world["run_id"])
+    out = jobs.train.run(cfg, run_ref=world["run_id"])
 
     assert out["status"] == "trained" and out["epochs_run"] == 2 and out["metric"] == "val_mae"
     run_paths = paths.of(cfg).run("test_v2_2026_01_01")
@@ -88,19 +88,19 @@ def test_trains_resumes_after_kill_and_reproduces_weights(fast_cfg):
     write_manifests(cfg, "test_v2_2026_01_02", world["rows"])
     run_b = insert_run(cfg, "test_v2_2026_01_02", world["dataset_hash"])
     with pytest.raises(Stop):
-        jobs.train.run(cfg, run=run_b, epoch_callback=stop_after(1))
+        jobs.train.run(cfg, run_ref=run_b, epoch_callback=stop_after(1))
     b_paths = paths.of(cfg).run("test_v2_2026_01_02")
     b_dir = b_paths.root
     assert train_model.load_weights_only(b_paths.last_checkpoint)["epoch"] == 1
     assert run_status(cfg, run_b)[0] == "cached"
     seen = []
-    resumed = jobs.train.run(cfg, run=run_b, epoch_callback=lambda e, r: seen.append(e))
+    resumed = jobs.train.run(cfg, run_ref=run_b, epoch_callback=lambda e, r: seen.append(e))
     assert seen == [2] and resumed["resumed_from_epoch"] == 1 and resumed["epochs_run"] == 2
     assert [int(r["epoch"]) for r in _history(b_dir / "history.csv")] == [1, 2]
     assert resumed["last_weights_sha256"] == out["last_weights_sha256"]
 
     # Already trained: exit 0, nothing redone.
-    again = jobs.train.run(cfg, run=world["run_id"])
+    again = jobs.train.run(cfg, run_ref=world["run_id"])
     assert again["status"] == "already_done"
 
 
@@ -172,7 +172,7 @@ def test_a_changed_active_manifest_is_refused_exit_2(fast_cfg):
     unrecorded = insert_run(cfg, "test_v2_unrecorded", world["dataset_hash"])  # no manifests
     write_manifests(cfg, "test_v2_unrecorded", world["rows"])  # written after the record
     with pytest.raises(InputError, match="holds no sha256"):
-        jobs.train.run(cfg, run=unrecorded)
+        jobs.train.run(cfg, run_ref=unrecorded)
 
 
 def _set_status(cfg, run_id, status):
@@ -336,7 +336,7 @@ def test_empty_or_single_valued_training_data_fails_the_run(fast_cfg):
     empty = [dict(r, split="val") if r["split"] == "train" else r for r in rows]
     w1 = make_world(cfg, rows=empty, model_version="empty_v2_2026_01_01")
     with pytest.raises(InputError, match="training split is empty"):
-        jobs.train.run(cfg, run=w1["run_id"])
+        jobs.train.run(cfg, run_ref=w1["run_id"])
     status, reason = run_status(cfg, w1["run_id"])
     assert status == "failed" and "empty" in reason
     assert not (paths.of(cfg).run("empty_v2_2026_01_01").best_checkpoint).exists()
@@ -344,7 +344,7 @@ def test_empty_or_single_valued_training_data_fails_the_run(fast_cfg):
     flat = [dict(r, label_value=3.0, is_good=False) for r in rows]
     w2 = make_world(cfg, rows=flat, model_version="flat_v2_2026_01_01")
     with pytest.raises(InputError, match="single-valued"):
-        jobs.train.run(cfg, run=w2["run_id"])
+        jobs.train.run(cfg, run_ref=w2["run_id"])
     assert run_status(cfg, w2["run_id"])[0] == "failed"
 
 
@@ -377,8 +377,8 @@ def test_missing_imagenet_weights_stop_unless_random_init_allowed(make_cfg, tmp_
     torch.save(ref.state_dict(), path)
     cfg2 = make_cfg(**{**FAST, "train__weights": "imagenet", "train__weights_path": str(path)})
     with db.connect(cfg) as conn:
-        the_run = get_run(conn, cfg, world["run_id"])
-    train = train_data.load_split(cfg2, the_run, "train")
+        run = get_run(conn, cfg, world["run_id"])
+    train = train_data.load_split(cfg2, run, "train")
     spec = {"backbone": "mobilenet_v3_small", "target": "regression", "input_size": 64}
     model, used = engine.build_model(cfg2, spec, train, resuming=False)
     assert used == f"imagenet:{path}"
@@ -406,16 +406,18 @@ def test_same_seed_same_weights_with_dataloader_workers(make_cfg):
     cfg = make_cfg(**{**FAST, "train__num_workers": 1, "train__epochs": 1})
     db.migrate(cfg)
     world = make_world(cfg, n=80, model_version="test_v2_2026_02_01")
-    first = jobs.train.run(cfg, run=world["run_id"])
+    first = jobs.train.run(cfg, run_ref=world["run_id"])
     write_manifests(cfg, "test_v2_2026_02_02", world["rows"])
-    second = jobs.train.run(cfg, run=insert_run(cfg, "test_v2_2026_02_02", world["dataset_hash"]))
+    second = jobs.train.run(
+        cfg, run_ref=insert_run(cfg, "test_v2_2026_02_02", world["dataset_hash"])
+    )
     assert first["num_workers"] == 1
     assert first["last_weights_sha256"] == second["last_weights_sha256"]
     # and the seed is really what decides them
     other = make_cfg(**{**FAST, "train__num_workers": 1, "train__epochs": 1, "train__seed": 99})
     write_manifests(other, "test_v2_2026_02_03", world["rows"])
     third = jobs.train.run(
-        other, run=insert_run(other, "test_v2_2026_02_03", world["dataset_hash"])
+        other, run_ref=insert_run(other, "test_v2_2026_02_03", world["dataset_hash"])
     )
     assert third["last_weights_sha256"] != first["last_weights_sha256"]
 

@@ -28,38 +28,39 @@ from jobs.errors import InputError
 
 def run(
     cfg: Config,
-    run: str | int = "latest",
+    run_ref: str | int = "latest",
     *,
     epoch_callback: Callable[[int, dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Train the run; returns the summary. ``epoch_callback(epoch, row)`` runs after each
-    completed epoch (its checkpoint is already saved), e.g. to stop a run part-way."""
+    """Train the run ``run_ref`` names (an id, a model version or "latest"); returns the
+    summary. ``epoch_callback(epoch, row)`` runs after each completed epoch (its checkpoint is
+    already saved), e.g. to stop a run part-way."""
     from jobs.train import data as train_data
     from jobs.train import engine
 
     log = logs.get_logger()
-    with runs.claim(cfg, "train", run) as (the_run, skipped):
+    with runs.claim(cfg, "train", run_ref) as (run, skipped):
         if skipped:
             return skipped
-        run_paths = paths.of(cfg).run(the_run.model_version)
+        run_paths = paths.of(cfg).run(run.model_version)
         out_dir, best = run_paths.root, run_paths.best_checkpoint
-        if the_run.reached("trained"):
-            problem = engine.best_checkpoint_problem(cfg, the_run)
+        if run.reached("trained"):
+            problem = engine.best_checkpoint_problem(cfg, run)
             if problem is None:
                 log.info("train_already_done", best_checkpoint=str(best))
                 return {
                     "status": "already_done",
-                    "model_version": the_run.model_version,
+                    "model_version": run.model_version,
                     "best_checkpoint": str(best),
                     **{
-                        k: the_run.params.get("train", {}).get(k)
+                        k: run.params.get("train", {}).get(k)
                         for k in ("best_metric", "metric", "best_weights_sha256")
                     },
                 }
-            if the_run.reached("onnx_exported"):
-                recorded = the_run.params.get("train", {}).get("best_checkpoint_sha256")
+            if run.reached("onnx_exported"):
+                recorded = run.params.get("train", {}).get("best_checkpoint_sha256")
                 raise InputError(
-                    f"run {the_run.model_version} is '{the_run.status}', but its best checkpoint "
+                    f"run {run.model_version} is '{run.status}', but its best checkpoint "
                     f"{best} {problem}. Its ONNX export was made from that file, so it is not "
                     f"retrained in place: restore {best}"
                     + (f" (sha256 {recorded})" if recorded else "")
@@ -68,17 +69,17 @@ def run(
                 )
             log.warning("train_redone", best_checkpoint=str(best), problem=problem)
             engine.discard_checkpoints(out_dir)
-        runs.require(the_run, "cached")
-        engine.sweep(paths.of(cfg).run(the_run.model_version).root)
+        runs.require(run, "cached")
+        engine.sweep(paths.of(cfg).run(run.model_version).root)
         try:
-            summary = engine.main(cfg, the_run, epoch_callback=epoch_callback)
+            summary = engine.main(cfg, run, epoch_callback=epoch_callback)
         except train_data.DataProblem as exc:
             with db.connect(cfg, autocommit=True) as conn:
-                runs.mark_failed(conn, cfg, the_run.id, f"train: {exc}")
+                runs.mark_failed(conn, cfg, run.id, f"train: {exc}")
             log.error("training_failed", error=str(exc), run_marked="failed")
             raise
-        before = the_run.params.get("train") or {}
-        if the_run.reached("evaluated") and before.get("best_weights_sha256") not in (
+        before = run.params.get("train") or {}
+        if run.reached("evaluated") and before.get("best_weights_sha256") not in (
             None,
             summary["best_weights_sha256"],
         ):
@@ -89,7 +90,7 @@ def run(
             runs.set_status(
                 conn,
                 cfg,
-                the_run.id,
+                run.id,
                 "trained",
                 step="train",
                 summary=summary,
