@@ -11,6 +11,11 @@ Reads the run's active manifests (``airatings cache``) and writes, under
   whose ONNX export came from that file, is refused instead, naming the fix).
 - Empty or single-valued training data, NaN/inf loss: run marked failed, exit 2.
 - Missing pretrained weights (no downloads): exit 2 unless ``train.allow_random_init``.
+- Under ``torchrun`` (``WORLD_SIZE`` > 1, :mod:`jobs.distributed`): DistributedDataParallel,
+  ``train.batch_size`` the global batch (not divisible by the ranks: exit 2). Only rank 0
+  claims the run's lock, reads and writes the database, checkpoints and history; it tells the
+  other ranks what it decided, so they all end alike. A lost rank: exit 75, and the re-run
+  resumes from ``last.pt`` on every rank.
 
 Heavy imports (torch) happen inside ``run`` so the CLI stays light.
 """
@@ -21,7 +26,7 @@ import datetime as dt
 from collections.abc import Callable
 from typing import Any
 
-from jobs import db, logs, paths, runs
+from jobs import db, distributed, logs, paths, runs
 from jobs.config import Config
 from jobs.errors import InputError
 
@@ -35,6 +40,50 @@ def run(
     """Train the run ``run_ref`` names (an id, a model version or "latest"); returns the
     summary. ``epoch_callback(epoch, row)`` runs after each completed epoch (its checkpoint is
     already saved), e.g. to stop a run part-way."""
+    from jobs import distributed
+
+    ctx = distributed.from_env()
+    if ctx is None:  # one process: no torch.distributed at all
+        return _train(cfg, run_ref, epoch_callback=epoch_callback)
+    return _train_distributed(cfg, run_ref, ctx, epoch_callback=epoch_callback)
+
+
+def _train_distributed(
+    cfg: Config,
+    run_ref: str | int,
+    ctx: distributed.Dist,
+    *,
+    epoch_callback: Callable[[int, dict[str, Any]], None] | None,
+) -> dict[str, Any]:
+    """One rank of a torchrun job: rank 0 runs :func:`_train` (lock, database, files), the
+    others follow its decision and train beside it."""
+    from jobs.train import engine
+
+    engine.per_rank_batch_size(cfg, ctx)  # exit 2 before joining the job
+    device = engine.decide_device(cfg, ctx)
+    logs.bind(rank=ctx.rank, world_size=ctx.world_size)
+
+    def follower(run: runs.Run) -> dict[str, Any]:
+        logs.bind(run_id=run.id, model_version=run.model_version)
+        return engine.main(cfg, run, epoch_callback=epoch_callback, dist=ctx)
+
+    with distributed.process_group(ctx, device.type), distributed.peer_loss_is_transient():
+        if ctx.is_main:
+            return distributed.lead(
+                ctx,
+                lambda leader: _train(cfg, run_ref, epoch_callback=epoch_callback, leader=leader),
+            )
+        return distributed.follow(ctx, follower)
+
+
+def _train(
+    cfg: Config,
+    run_ref: str | int,
+    *,
+    epoch_callback: Callable[[int, dict[str, Any]], None] | None,
+    leader: distributed.Leader | None = None,
+) -> dict[str, Any]:
+    """The train step of one process, or of rank 0 (``leader``) for a torchrun job."""
     from jobs.train import data as train_data
     from jobs.train import engine
 
@@ -71,13 +120,19 @@ def run(
             engine.discard_checkpoints(out_dir)
         runs.require(run, "cached")
         engine.sweep(paths.of(cfg).run(run.model_version).root)
+        if leader is not None:
+            leader.start(run)  # the other ranks train this run from here on
         try:
-            summary = engine.main(cfg, run, epoch_callback=epoch_callback)
+            summary = engine.main(
+                cfg, run, epoch_callback=epoch_callback, dist=leader.ctx if leader else None
+            )
         except train_data.DataProblem as exc:
             with db.connect(cfg, autocommit=True) as conn:
                 runs.mark_failed(conn, cfg, run.id, f"train: {exc}")
             log.error("training_failed", error=str(exc), run_marked="failed")
             raise
+        if leader is not None:
+            leader.trained()  # the other ranks wait for the status write's outcome
         before = run.params.get("train") or {}
         if run.reached("evaluated") and before.get("best_weights_sha256") not in (
             None,

@@ -26,8 +26,10 @@ Preprocessing follows ``jobs.images.preprocess`` (full frame squashed to a squar
 uint8 HWC). Training adds a mild random-resized crop that keeps most of the frame (scale
 ``aug_min_scale``..1, aspect ratio within ``aug_ratio_jitter`` of the frame's, then squashed
 like the full frame), a horizontal flip and light brightness/contrast jitter. No hue or
-saturation jitter: colour is what people rate. Randomness comes only from torch's RNG, which
-the engine seeds per epoch (and the DataLoader per worker), so runs are reproducible.
+saturation jitter: colour is what people rate. Randomness comes only from torch's RNG. The
+engine gives the dataset each epoch's seed (``set_epoch_seed``) and row i of that epoch draws
+its augmentation from seed (epoch seed, i) alone: the same picture whichever process, worker
+or rank decodes it, in whatever order, so a run on N ranks augments as a run on one does.
 """
 
 from __future__ import annotations
@@ -302,6 +304,7 @@ class ManifestDataset(torch.utils.data.Dataset):
         self.weights = torch.from_numpy(np.ascontiguousarray(weights, dtype=np.float32))
         self.size = size
         self.augment = augment
+        self.epoch_seed: int | None = None  # None: the caller's RNG stream
         self.aug = {
             "min_scale": 0.85,
             "ratio_jitter": 0.05,
@@ -312,6 +315,13 @@ class ManifestDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def set_epoch_seed(self, seed: int) -> None:
+        """Row i's augmentation this epoch: drawn from seed (``seed``, i) alone."""
+        self.epoch_seed = seed
+
+    def row_seed(self, i: int) -> int:
+        return (self.epoch_seed * 1_000_003 + i) % 2**63
 
     def _augmented(self, path: Path) -> torch.Tensor:
         """Decode + random-resized crop + flip + brightness/contrast, all on uint8 HWC memory.
@@ -350,6 +360,11 @@ class ManifestDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         path = self.paths[i]
         try:
+            if self.augment and self.epoch_seed is not None:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(self.row_seed(i))
+                    x = self._augmented(path)
+                return x, self.targets[i], self.weights[i]
             if self.augment:
                 return self._augmented(path), self.targets[i], self.weights[i]
             arr = images.preprocess(open_rgb(path), self.size)

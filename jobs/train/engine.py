@@ -5,6 +5,16 @@ Device and AMP are decided once (CUDA with float16 autocast and a GradScaler whe
 ``nullcontext`` on CPU). One seed drives Python, numpy and torch; each epoch reseeds from
 (seed, epoch) and so does the DataLoader's generator, so a resumed run draws exactly what an
 uninterrupted one would and, on CPU, ends with the same weights hash.
+
+The data order and the augmentation are functions of (seed, epoch) and of (seed, epoch, row):
+the sampler is ``DistributedSampler`` (one replica when training alone), and each row's
+augmentation draws from its own seed. So under ``torchrun --nproc_per_node N``
+(:mod:`jobs.distributed`) step k of an epoch covers exactly the rows, augmented exactly as, of
+step k of a 1-process run with the same global batch: each rank takes every N-th row of the
+same permutation, ``train.batch_size / N`` rows a step; DistributedDataParallel averages the
+gradients, the loss is normalised by the global batch's weight, BatchNorm layers that train
+use the global batch's statistics (SyncBatchNorm), and validation is sharded and gathered, so
+every rank computes the same metrics from the same outputs. Only rank 0 writes files.
 """
 
 from __future__ import annotations
@@ -31,6 +41,7 @@ from torch import nn
 from jobs import paths
 from jobs.artifacts import atomic_path, atomic_write_text, sha256_file
 from jobs.config import Config
+from jobs.distributed import Dist
 from jobs.errors import ConfigError, InputError
 from jobs.logs import get_logger
 from jobs.paths import RunPaths
@@ -104,22 +115,39 @@ def library_versions() -> dict[str, str]:
     }
 
 
-def decide_device(cfg: Config) -> torch.device:
+def decide_device(cfg: Config, dist: Dist | None = None) -> torch.device:
     want = cfg.train.device
     if want == "cuda" and not torch.cuda.is_available():
         raise ConfigError(
             "train.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'"
         )
     if want in ("auto", "cuda") and torch.cuda.is_available():
-        return torch.device("cuda")
+        return torch.device("cuda") if dist is None else torch.device("cuda", dist.local_rank)
     return torch.device("cpu")
 
 
-def default_threads(cfg: Config) -> int:
-    """``train.threads``, else the CPUs this process may use (a container's quota included)."""
+def default_threads(cfg: Config, dist: Dist | None = None) -> int:
+    """``train.threads``, else the CPUs this process may use (a container's quota included),
+    shared by the ranks on this machine."""
     from jobs.resources import available_cpus
 
-    return cfg.train.threads or available_cpus()
+    if cfg.train.threads:
+        return cfg.train.threads
+    return max(1, available_cpus() // (dist.local_world_size if dist else 1))
+
+
+def per_rank_batch_size(cfg: Config, dist: Dist | None) -> int:
+    """``train.batch_size`` is the global batch; each of N ranks takes batch_size / N."""
+    b = cfg.train.batch_size
+    if dist is None:
+        return b
+    if b % dist.world_size:
+        raise ConfigError(
+            f"train.batch_size {b} (the global batch) is not divisible by the {dist.world_size} "
+            f"ranks of this torchrun job; set it to a multiple of {dist.world_size} (e.g. "
+            f"{max(dist.world_size, b - b % dist.world_size)}) or change --nproc-per-node/--nnodes"
+        )
+    return b // dist.world_size
 
 
 # ---- losses ----------------------------------------------------------------------------
@@ -157,7 +185,11 @@ def weighted_loss(
 # ---- data --------------------------------------------------------------------------------
 
 
-def build_data(cfg: Config, run: Run, device: torch.device) -> dict[str, Any]:
+def build_data(
+    cfg: Config, run: Run, device: torch.device, dist: Dist | None = None
+) -> dict[str, Any]:
+    from torch.utils.data.distributed import DistributedSampler
+
     t = cfg.train
     train = train_data.load_split(cfg, run, "train")
     val = train_data.load_split(cfg, run, "val")
@@ -176,6 +208,16 @@ def build_data(cfg: Config, run: Run, device: torch.device) -> dict[str, Any]:
         augment=True,
         aug=aug,
     )
+    # The global order of an epoch: randperm(seed + epoch) (set_epoch each epoch). Alone, the
+    # one replica takes all of it; rank r of N takes rows r, r + N, ... (padded to a multiple
+    # of N by repeating the first rows), so step k of every rank together is step k alone.
+    sampler = DistributedSampler(
+        train_ds,
+        num_replicas=dist.world_size if dist else 1,
+        rank=dist.rank if dist else 0,
+        shuffle=True,
+        seed=epoch_seed(t.seed, 0),
+    )
     val_ds = train_data.ManifestDataset(
         val.image_paths,
         train_data.targets_for(val, t.target, t.hist_smoothing_sigma),
@@ -189,21 +231,31 @@ def build_data(cfg: Config, run: Run, device: torch.device) -> dict[str, Any]:
         "pin_memory": pin,
         "worker_init_fn": worker_init_for(device),
     }
+    batch = per_rank_batch_size(cfg, dist)
     train_loader = torch.utils.data.DataLoader(
         train_ds,
-        batch_size=t.batch_size,
-        shuffle=True,
+        batch_size=batch,
+        sampler=sampler,
         generator=generator,
-        # a last batch of 1 breaks BatchNorm in train mode
-        drop_last=len(train_ds) > t.batch_size and len(train_ds) % t.batch_size == 1,
+        # a last batch of 1 breaks BatchNorm in train mode (alone; with N ranks the global
+        # batch of a last step has at least N rows)
+        drop_last=dist is None and len(train_ds) > batch and len(train_ds) % batch == 1,
         **common,
     )
+    # validation: rank r predicts rows r, r + N, ...; the outputs are gathered in row order
+    val_rows = (
+        val_ds
+        if dist is None
+        else torch.utils.data.Subset(val_ds, range(dist.rank, len(val_ds), dist.world_size))
+    )
     val_loader = torch.utils.data.DataLoader(
-        val_ds, batch_size=t.batch_size, shuffle=False, **common
+        val_rows, batch_size=t.batch_size, shuffle=False, **common
     )
     return {
         "train": train,
         "val": val,
+        "train_ds": train_ds,
+        "sampler": sampler,
         "train_loader": train_loader,
         "val_loader": val_loader,
         "generator": generator,
@@ -299,10 +351,17 @@ def train_one_epoch(
     cfg: Config,
     epoch: int,
     frozen: bool,
+    *,
+    net: nn.Module | None = None,
+    dist: Dist | None = None,
 ) -> dict[str, float]:
+    """One pass over the training rows. ``net``: what runs the forward pass (the
+    DistributedDataParallel wrapper of ``model`` under torchrun); ``dist``: this rank's place,
+    the loss then normalised by the global batch's weight (see module doc)."""
     from tqdm import tqdm
 
-    model.train()
+    net = model if net is None else net
+    net.train()
     if frozen:  # keep the pretrained BatchNorm statistics while only the head learns
         model.backbone.eval()
         model.head().train()
@@ -320,11 +379,22 @@ def train_one_epoch(
         y = y.to(device, non_blocking=True)
         w = w.to(device, non_blocking=True)
         with autocast():
-            out = model(x)
-        loss = weighted_loss(out, y, w, cfg.train.target)
-        if not torch.isfinite(loss):
+            out = net(x)
+        if dist is None:
+            loss = weighted_loss(out, y, w, cfg.train.target)
+            shown, bw, n = loss, float(w.sum()), x.shape[0]
+        else:
+            # sum_i l_i w_i / W over the global batch: DDP averages the ranks' gradients, so
+            # each rank's part is scaled by N / W (W: the global batch's weight)
+            part = (per_sample_loss(out, y, cfg.train.target) * w).sum()
+            glob = torch.stack([part.detach(), w.sum().float(), part.new_tensor(x.shape[0])])
+            torch.distributed.all_reduce(glob)
+            total, weight, count = glob.tolist()
+            loss = part * (dist.world_size / max(weight, 1e-12))
+            shown, bw, n = torch.tensor(total / max(weight, 1e-12)), weight, int(count)
+        if not torch.isfinite(shown):
             raise NonFiniteLoss(
-                f"the training loss became {loss.item()} at epoch {epoch}; lower train.lr "
+                f"the training loss became {shown.item()} at epoch {epoch}; lower train.lr "
                 f"({cfg.train.lr:g}) or check the labels"
             )
         optimizer.zero_grad(set_to_none=True)
@@ -336,10 +406,9 @@ def train_one_epoch(
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
-        bw = float(w.sum())
-        total_loss += float(loss.detach()) * bw
+        total_loss += float(shown.detach()) * bw
         total_w += bw
-        images += x.shape[0]
+        images += n
         bar.set_postfix(loss=f"{total_loss / max(total_w, 1e-12):.4f}")
     compute_s = time.perf_counter() - started
     return {
@@ -375,12 +444,17 @@ def evaluate(
     autocast: Callable[[], Any],
     split: train_data.Split,
     target: str,
+    dist: Dist | None = None,
 ) -> dict[str, float | None]:
-    """Validation metrics on 0..5 scores vs ``label_value`` (and AUC vs ``is_good``)."""
+    """Validation metrics on 0..5 scores vs ``label_value`` (and AUC vs ``is_good``). Under
+    torchrun each rank predicts its shard (rows r, r + N, ...) and the outputs are gathered in
+    row order, so every rank computes the metrics of the whole split."""
     from scipy.stats import spearmanr
     from sklearn.metrics import roc_auc_score
 
     out, y, w = predict(model, loader, device, autocast)
+    if dist is not None:
+        out, y, w = gather_rows(dist, (out, y, w), len(split))
     loss = float(weighted_loss(out, y, w, target))
     score = train_model.scores_from_outputs(out, target).numpy().astype(np.float64)
     err = score - split.label
@@ -393,6 +467,22 @@ def evaluate(
         "val_spearman": float(spearmanr(score, split.label).statistic) if varied else None,
         "val_auc": float(roc_auc_score(split.is_good, score)) if both else None,
     }
+
+
+def gather_rows(dist: Dist, parts: tuple[torch.Tensor, ...], n: int) -> tuple[torch.Tensor, ...]:
+    """Every rank's rows (rank r holds rows r, r + N, ...) back in row order, on every rank."""
+    from jobs.distributed import peer_loss_is_transient
+
+    shards: list[Any] = [None] * dist.world_size
+    with peer_loss_is_transient():
+        torch.distributed.all_gather_object(shards, parts)
+    out = []
+    for i, first in enumerate(parts):
+        full = first.new_empty((n, *first.shape[1:]))
+        for r, shard in enumerate(shards):
+            full[r :: dist.world_size] = shard[i]
+        out.append(full)
+    return tuple(out)
 
 
 # ---- checkpoints -------------------------------------------------------------------------
@@ -480,31 +570,42 @@ def _improved(value: float | None, best: float | None, mode: str) -> bool:
 
 
 def main(
-    cfg: Config, run: Run, *, epoch_callback: Callable[[int, dict[str, Any]], None] | None = None
+    cfg: Config,
+    run: Run,
+    *,
+    epoch_callback: Callable[[int, dict[str, Any]], None] | None = None,
+    dist: Dist | None = None,
 ) -> dict[str, Any]:
-    """Train ``run`` to its best checkpoint; resumes from ``last.pt``. Returns the summary."""
+    """Train ``run`` to its best checkpoint; resumes from ``last.pt``. Returns the summary.
+
+    ``dist``: this process is one rank of a torchrun job whose process group is up (every rank
+    calls this; only rank 0 writes files, and the ranks meet after each epoch's checkpoint
+    is saved, before ``epoch_callback``)."""
     t = cfg.train
+    main_rank = dist is None or dist.is_main
     started = time.monotonic()
     run_paths = paths.of(cfg).run(run.model_version)
     out_dir = run_paths.root
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if main_rank:
+        out_dir.mkdir(parents=True, exist_ok=True)
     last_path, best_path, history_path = (
         run_paths.last_checkpoint,
         run_paths.best_checkpoint,
         run_paths.history,
     )
 
-    device = decide_device(cfg)
-    torch.set_num_threads(default_threads(cfg))
+    device = decide_device(cfg, dist)
+    torch.set_num_threads(default_threads(cfg, dist))
     use_amp = device.type == "cuda"
     autocast = (lambda: torch.autocast("cuda", dtype=torch.float16)) if use_amp else nullcontext
     seed_everything(t.seed)
 
     spec = {"backbone": t.backbone, "target": t.target, "input_size": t.input_size}
     resume = load_resume_checkpoint(last_path, cfg, run, spec) if last_path.exists() else None
-    atomic_write_text(out_dir / "config.yaml", cfg.to_yaml())
+    if main_rank:
+        atomic_write_text(out_dir / "config.yaml", cfg.to_yaml())
 
-    data = build_data(cfg, run, device)
+    data = build_data(cfg, run, device, dist)
     train, val = data["train"], data["val"]
     data_hash = training_data_hash(train, val)
     if resume is not None:
@@ -515,6 +616,10 @@ def main(
         weights_used = resume["weights_used"]
     pretrained = weights_used.startswith("imagenet")
     model.to(device, memory_format=torch.channels_last)
+    if dist is not None:
+        from jobs.distributed import sync_batchnorm
+
+        model = sync_batchnorm(model, device.type)
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     steps_per_epoch = len(data["train_loader"])
@@ -549,6 +654,7 @@ def main(
 
     log.info(
         "training_started",
+        **({"rank": dist.rank, "world_size": dist.world_size} if dist else {}),
         device=str(device),
         amp=use_amp,
         threads=torch.get_num_threads(),
@@ -559,17 +665,30 @@ def main(
         start_epoch=start_epoch,
         epochs=t.epochs,
     )
-    if best_path.exists() and resume is None:
+    if main_rank and best_path.exists() and resume is None:
         best_path.unlink()  # a best.pt without a last.pt is from an abandoned start
 
+    net, net_frozen = model, None
     for epoch in range(start_epoch, t.epochs + 1):
         if stopped:
             break
         epoch_started = time.perf_counter()
-        seed_everything(epoch_seed(t.seed, epoch))
+        # each rank its own stream for what draws from the global RNG in the step (dropout);
+        # the data order and the augmentation come from (seed, epoch[, row]) alone
+        seed_everything(epoch_seed(t.seed, epoch) + (dist.rank * 7_919 if dist else 0))
         data["generator"].manual_seed(epoch_seed(t.seed, epoch))
+        data["sampler"].set_epoch(epoch)
+        data["train_ds"].set_epoch_seed(epoch_seed(t.seed, epoch))
         frozen = pretrained and epoch <= t.freeze_backbone_epochs
         set_frozen(model, frozen)
+        if dist is not None and frozen is not net_frozen:
+            # DDP reduces the parameters that require grad when it is built: rebuilt when
+            # the backbone is frozen or unfrozen (it broadcasts rank 0's state, the same)
+            net = None
+            net = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None
+            )
+            net_frozen = frozen
         row: dict[str, Any] = {"epoch": epoch, "frozen": frozen}
         row.update(
             train_one_epoch(
@@ -583,11 +702,17 @@ def main(
                 cfg,
                 epoch,
                 frozen,
+                net=net,
+                dist=dist,
             )
         )
-        row.update(evaluate(model, data["val_loader"], device, autocast, val, t.target))
+        row.update(evaluate(model, data["val_loader"], device, autocast, val, t.target, dist))
         row["seconds"] = time.perf_counter() - epoch_started
         row = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()}
+        if dist is not None:
+            from jobs.distributed import broadcast
+
+            row = broadcast(row)  # rank 0's timings; the metrics are the same on every rank
         history.append(row)
 
         value = row[metric_name]
@@ -620,14 +745,21 @@ def main(
             "weights_used": weights_used,
             "train_label_mean": float(train.label.mean()),
         }
-        if improved:
-            save_checkpoint(ckpt, best_path)
-        write_history(history_path, history)
-        save_checkpoint(ckpt, last_path)  # last: its existence means the epoch is complete
-        log.info(
-            "epoch_finished", improved=improved, **{k: v for k, v in row.items() if v is not None}
-        )
-        if stopped:
+        if main_rank:
+            if improved:
+                save_checkpoint(ckpt, best_path)
+            write_history(history_path, history)
+            save_checkpoint(ckpt, last_path)  # last: its existence means the epoch is complete
+            log.info(
+                "epoch_finished",
+                improved=improved,
+                **{k: v for k, v in row.items() if v is not None},
+            )
+        if dist is not None:
+            from jobs.distributed import broadcast
+
+            broadcast()  # every rank past this point: the epoch's checkpoint is saved
+        if stopped and main_rank:
             log.info(
                 "early_stopped",
                 epoch=epoch,
@@ -673,6 +805,18 @@ def main(
         "dataset_hash": run.dataset_hash,
         "training_data_hash": data_hash,
         "library_versions": library_versions(),
+        **(
+            {
+                "distributed": {
+                    "world_size": dist.world_size,
+                    "backend": "nccl" if device.type == "cuda" else "gloo",
+                    "per_rank_batch_size": per_rank_batch_size(cfg, dist),
+                    "global_batch_size": t.batch_size,
+                }
+            }
+            if dist
+            else {}
+        ),
         "seconds": round(time.monotonic() - started, 3),
     }
 
