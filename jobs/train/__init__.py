@@ -40,8 +40,6 @@ def run(
     """Train the run ``run_ref`` names (an id, a model version or "latest"); returns the
     summary. ``epoch_callback(epoch, row)`` runs after each completed epoch (its checkpoint is
     already saved), e.g. to stop a run part-way."""
-    from jobs import distributed
-
     ctx = distributed.from_env()
     if ctx is None:  # one process: no torch.distributed at all
         return _train(cfg, run_ref, epoch_callback=epoch_callback)
