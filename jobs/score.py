@@ -14,7 +14,10 @@ this version was permanent (a bad image, a 404) are not retried unless ``--retry
 transient ones (timeouts, 5xx) are. Sharded like the cache: ``--shard I/N`` or
 ``JOB_COMPLETION_INDEX``/``JOB_COMPLETIONS``; shard I takes the snapshots with
 ``id % N = I``, under an advisory lock per (version, shard), so N processes score each
-snapshot once and a second copy of one shard exits 0 saying so.
+snapshot once and a second copy of one shard exits 0 saying so. The work list (ids, newest
+first) is read once at the start, 8 bytes an id, and each page of ids is re-checked when its
+turn comes (another shard or the app's cron may have scored it meanwhile): paging the window
+itself rescanned it for every page, O(N^2) in the window (bench/bench_scale.py).
 
 Images: the cached original when the image index (``image_cache``) has the URL and the file
 is there, else downloaded by the cache's fetcher (``jobs.fetch.Fetcher``: URL policy, size
@@ -289,38 +292,56 @@ class Store:
             ).format(a=self.a)
         return sql.SQL("s.captured_at >= {}").format(sql.Literal(since))
 
-    def page(
-        self,
-        window: Any,
-        shard: tuple[int, int],
-        after: tuple[dt.datetime, int] | None,
-        limit: int,
-        retry_failed: bool,
-    ) -> list[Snapshot]:
+    def _unscored(self, retry_failed: bool) -> Any:
         from psycopg import sql
 
-        q = sql.SQL(
-            "select s.id, s.webcam_id, s.firebase_url, s.captured_at"
-            " from {a}.webcam_snapshots s"
-            " where {window} and mod(s.id, %(n)s) = %(i)s"
-            " and not exists (select 1 from {a}.snapshot_ai_inferences i"
-            "   where i.snapshot_id = s.id and i.model_version = %(v)s)"
-            " {failed} {after}"
-            " order by s.captured_at desc, s.id desc limit %(limit)s"
+        return sql.SQL(
+            "not exists (select 1 from {a}.snapshot_ai_inferences i"
+            " where i.snapshot_id = s.id and i.model_version = %(v)s) {failed}"
         ).format(
             a=self.a,
-            window=window,
             failed=sql.SQL("")
             if retry_failed
             else sql.SQL(
                 "and not exists (select 1 from {m}.score_failures f where f.snapshot_id = s.id"
                 " and f.model_version = %(v)s and not f.transient)"
             ).format(m=self.m),
-            after=sql.SQL("and (s.captured_at, s.id) < (%(t)s, %(id)s)") if after else sql.SQL(""),
+        )
+
+    def work(
+        self, window: Any, shard: tuple[int, int], retry_failed: bool, limit: int | None
+    ) -> np.ndarray:
+        """The ids to score, newest first (captured_at, then id), read once: one scan of the
+        window, streamed into 8 bytes an id. (Paging the window itself by keyset re-ran the
+        scan and the anti-joins for every page: without an index on captured_at, O(N) a page
+        and O(N^2) a run.)"""
+        from psycopg import sql
+
+        q = sql.SQL(
+            "select s.id from {a}.webcam_snapshots s"
+            " where {window} and mod(s.id, %(n)s) = %(i)s and {unscored}"
+            " order by s.captured_at desc, s.id desc {limit}"
+        ).format(
+            a=self.a,
+            window=window,
+            unscored=self._unscored(retry_failed),
+            limit=sql.SQL("limit %(limit)s") if limit is not None else sql.SQL(""),
         )
         params = {"n": shard[1], "i": shard[0], "v": self.version, "limit": limit}
-        if after:
-            params |= {"t": after[0], "id": after[1]}
+        with self.conn.cursor() as cur:
+            return np.fromiter((row[0] for row in cur.stream(q, params)), dtype=np.int64)
+
+    def page(self, ids: list[int], retry_failed: bool) -> list[Snapshot]:
+        """These snapshots, in work order, less those scored (or failed for good) since
+        :meth:`work` read them: another shard or the app's cron may have been first."""
+        from psycopg import sql
+
+        q = sql.SQL(
+            "select s.id, s.webcam_id, s.firebase_url, s.captured_at"
+            " from {a}.webcam_snapshots s where s.id = any(%(ids)s) and {unscored}"
+            " order by s.captured_at desc, s.id desc"
+        ).format(a=self.a, unscored=self._unscored(retry_failed))
+        params = {"ids": ids, "v": self.version}
         return [Snapshot(*row) for row in self.conn.execute(q, params)]
 
     def already_scored(self, window: Any, shard: tuple[int, int]) -> int:
@@ -516,21 +537,21 @@ def _score_pages(
     scored = skipped = gate_passed = webcams_updated = 0
     failed: Counter[str] = Counter()
     busy = 0.0
-    after: tuple[dt.datetime, int] | None = None
-    remaining = limit
     pending: tuple[list[Snapshot], dict[int, Any]] | None = None
+    t0 = time.monotonic()
+    ids = store.work(window, shard, retry_failed, limit)
+    busy += time.monotonic() - t0
+    at = 0  # ids[:at] were paged
 
     def prepare() -> tuple[list[Snapshot], dict[int, Any]] | None:
-        nonlocal after, remaining
-        if remaining is not None and remaining <= 0:
-            return None
-        size = cfg.score.batch_size if remaining is None else min(cfg.score.batch_size, remaining)
-        page = store.page(window, shard, after, size, retry_failed)
+        nonlocal at
+        page: list[Snapshot] = []
+        while not page and at < len(ids):
+            chunk = ids[at : at + cfg.score.batch_size].tolist()
+            at += len(chunk)
+            page = store.page(chunk, retry_failed)
         if not page:
             return None
-        after = (page[-1].captured_at, page[-1].id)
-        if remaining is not None:
-            remaining -= len(page)
         fetched = images.fetch(page)
         work = {
             sid: pool.submit(_decode, limits, got) if isinstance(got, bytes) else got

@@ -250,3 +250,66 @@ def _good_urls(world) -> list[str]:
             ).fetchall()
             if world.kinds[r[0]] == "good"
         ]
+
+
+# ---- score: the work is read once, not once a page ---------------------------------------------
+
+
+def _seq_tup_read(cfg, table: str) -> int:
+    """Rows read by sequential scans of an app table so far, once the counts stop moving
+    (each backend reports its counts when it exits)."""
+    import time
+
+    last = None
+    for _ in range(40):
+        with db.connect(cfg, autocommit=True) as conn:
+            conn.execute("select pg_stat_clear_snapshot()")
+            (now,) = conn.execute(
+                "select coalesce(seq_tup_read, 0) from pg_stat_user_tables"
+                " where schemaname = %s and relname = %s",
+                (cfg.database.app_schema, table),
+            ).fetchone()
+        if now == last:
+            return int(now)
+        last = now
+        time.sleep(0.5)
+    return int(last)
+
+
+def test_score_reads_its_work_once_not_once_a_page(pg_server: str, tmp_path: Path, base, server):
+    """A window of 10,000 snapshots scored in pages of 16 (625 pages): the table is scanned a
+    fixed number of times (the work list, the 'already scored' count), not once per page.
+    Paging the window by keyset scanned it for every page (there is no index on captured_at):
+    ~6M rows read here, O(N^2) in the window. The extra snapshots have no URL, so they cost a
+    failure row each and no decode."""
+    import datetime as dt
+
+    from score_fixtures import NOW
+
+    from jobs import score
+
+    extra = 10_000
+    with scoring_world(pg_server, tmp_path, base, server) as world:
+        with db.connect(world.cfg) as conn, conn.cursor() as cur:
+            with cur.copy(
+                sql.SQL(
+                    "copy {} (id, webcam_id, firebase_url, phase, captured_at, calculated_rating,"
+                    " rating_count) from stdin"
+                ).format(world.app("webcam_snapshots"))
+            ) as cp:
+                for k in range(extra):
+                    at = NOW - dt.timedelta(hours=1, milliseconds=k)
+                    cp.write_row((1000 + k, 1 + k % 3, None, "sunset", at, 3, 2))
+            conn.execute(sql.SQL("analyze {}").format(world.app("webcam_snapshots")))
+        rows = len(world.kinds) + extra
+        cfg = make_config(
+            world.scorer_url, world.tmp, **{**SETTINGS, **OVERRIDES, "score__batch_size": 16}
+        )
+        before = _seq_tup_read(world.cfg, "webcam_snapshots")
+        out = score.run(cfg, model=world.version)
+        read = _seq_tup_read(world.cfg, "webcam_snapshots") - before
+        good = sum(1 for k in world.kinds.values() if k == "good")
+        assert out["scored"] == good
+        assert out["failed_by_reason"]["missing_url"] == extra + 1
+        # the work list and the 'already scored' count: two scans, whatever the page count
+        assert rows <= read <= 3 * rows, read
