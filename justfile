@@ -28,9 +28,14 @@ lock: _ensure-setup
 demo: _ensure-setup
     {{ bin }}/airatings demo run --config configs/demo.yaml
 
-# The release steps in order on the config's database (resumes an unfinished run)
+# The release chain as containers through Docker Compose (builds missing images; --demo seeds the
+# demo world into the compose postgres first). Without Docker: .venv/bin/airatings release
 release *args: _ensure-setup
-    {{ bin }}/airatings release {{ args }}
+    {{ python }} scripts/compose_release.py {{ args }}
+
+# Build the images (runtime, train, postgres stand-in) and print their sizes and build times
+images *args: _ensure-setup
+    {{ python }} scripts/docker_images.py build {{ args }}
 
 # Run the test suite against a real embedded PostgreSQL
 test *args: _ensure-setup
@@ -43,7 +48,7 @@ lint: _ensure-setup
     {{ bin }}/ruff format --check .
     cd dbt && ../{{ bin }}/sqlfluff lint . ../jobs/migrations
     {{ just_executable() }} --fmt --check
-    {{ bin }}/hadolint docker/Dockerfile
+    {{ bin }}/hadolint docker/Dockerfile docker/postgres-standin/Dockerfile
     cd clients/node && PATH="$PATH:../../{{ bin }}" npx tsc --noEmit -p tsconfig.json
 
 # Format Python, SQL and the justfile

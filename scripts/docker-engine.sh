@@ -27,7 +27,14 @@ install() {
         echo "error: no dockerd; install Debian's docker.io (sudo apt-get install docker.io)" >&2
         exit 2
     fi
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io >/dev/null
+    apt_install docker.io
+}
+
+apt_install() {  # the package lists may be missing on a fresh machine: update once if so
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null 2>&1 || {
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+    }
 }
 
 case "${1:-status}" in
@@ -64,7 +71,10 @@ base)
     if "$docker_cli" image inspect "$base_image" >/dev/null 2>&1; then
         echo "$base_image: present"; exit 0
     fi
-    command -v debootstrap >/dev/null 2>&1 || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >/dev/null
+    if ! command -v debootstrap >/dev/null 2>&1; then
+        [ "$(id -u)" = "0" ] || { echo "error: debootstrap missing (sudo apt-get install debootstrap)" >&2; exit 2; }
+        apt_install debootstrap
+    fi
     tmp="$(mktemp -d "$root/rootfs.XXXXXX")"
     trap 'rm -rf "$tmp"' EXIT
     debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates \

@@ -1,12 +1,15 @@
-"""The part of requirements.lock that pyproject.toml's core ``dependencies`` need (no extras).
+"""The part of requirements.lock that pyproject.toml's core ``dependencies`` (and the extras
+named) need: an image's share of the one lock.
 
     python scripts/lock_subset.py requirements.lock pyproject.toml > runtime.lock
+    python scripts/lock_subset.py requirements.lock pyproject.toml train > train.lock
 
 Walks the lock's ``# via`` annotations (uv writes each package's direct dependents): a pin is
 kept when it is a core dependency or a package kept needs it, transitively. Each kept pin is
 copied whole, hashes and markers included, so ``pip install --require-hashes --no-deps -r``
 installs the runtime image (docker/Dockerfile, target ``runtime``) from the same lock as
-everything else: no torch, torchvision, onnx, onnxsim or dev tools.
+everything else: no torch, torchvision, onnxsim or dev tools; the train image adds the ``train``
+extra, still without dev tools.
 """
 
 from __future__ import annotations
@@ -46,10 +49,15 @@ def blocks(text: str) -> list[tuple[str, list[str], list[str]]]:
     return out
 
 
-def subset(lock_text: str, pyproject: dict) -> str:
+def subset(lock_text: str, pyproject: dict, extras: tuple[str, ...] = ()) -> str:
+    optional = pyproject["project"].get("optional-dependencies", {})
+    unknown = [e for e in extras if e not in optional]
+    if unknown:
+        raise SystemExit(f"no such extra in pyproject.toml: {unknown}; have {sorted(optional)}")
+    roots = [dep for e in extras for dep in optional[e]]
     core = {canon(_NAME.match(d + "==").group(1)) if "==" not in d else canon(d.split("==")[0])
             for d in (re.split(r"[<>=!~;\[ ]", dep, maxsplit=1)[0]
-                      for dep in [*pyproject["project"]["dependencies"],
+                      for dep in [*pyproject["project"]["dependencies"], *roots,
                                   *pyproject["build-system"]["requires"]])}  # fmt: skip
     pins = blocks(lock_text)
     parents = {name: {canon(v.split(" ")[0]) for v in via} for name, _, via in pins}
@@ -64,13 +72,15 @@ def subset(lock_text: str, pyproject: dict) -> str:
     missing = core - {n for n, _, _ in pins}
     if missing:
         raise SystemExit(f"core dependencies not in the lock: {sorted(missing)}; run `just lock`")
-    header = "# The runtime subset of requirements.lock (scripts/lock_subset.py): core dependencies only.\n"
+    what = "core dependencies" + "".join(f" + [{e}]" for e in extras)
+    header = f"# The subset of requirements.lock (scripts/lock_subset.py): {what} only.\n"
     return header + "".join("\n".join(lines) + "\n" for name, lines, _ in pins if name in keep)
 
 
 def main() -> None:
-    lock, project = Path(sys.argv[1]), Path(sys.argv[2])
-    sys.stdout.write(subset(lock.read_text(), tomllib.loads(project.read_text())))
+    lock, project, *extras = sys.argv[1:]
+    pyproject = tomllib.loads(Path(project).read_text())
+    sys.stdout.write(subset(Path(lock).read_text(), pyproject, tuple(extras)))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ running compose on a real engine is not done here (docs/deploying in the README 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -102,8 +103,10 @@ def test_compose_jobs_are_real_commands_hardened_and_chained():
         if name == "postgres":
             continue
         check_args(svc["command"])
-        for key, value in svc["environment"].items():
+        for key, value in svc.get("environment", {}).items():
             check_env(key, str(value))
+        files = [f["path"] for f in svc["env_file"]]
+        assert files[0] == "docker/defaults.env" and files[-1] == "${AIR_ENV_FILE:-.env.compose}"
         assert svc["read_only"] is True and svc["cap_drop"] == ["ALL"]
         assert "no-new-privileges:true" in svc["security_opt"]
         assert svc["user"] == "10001:10001" and "/tmp" in svc["tmpfs"]
@@ -112,6 +115,13 @@ def test_compose_jobs_are_real_commands_hardened_and_chained():
     assert gpu["profiles"] == ["gpu"]
     assert gpu["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
     assert ".env.compose" in (REPO / ".gitignore").read_text()
+    # the env files compose reads (and the example users copy) set only what the jobs read
+    for env_file in ("docker/defaults.env", "docker/demo.env", ".env.compose.example"):
+        for line in (REPO / env_file).read_text().splitlines():
+            # settings, and commented-out example settings ("# AIR__X__Y=1"), not prose
+            name, sep, value = line.strip().lstrip("# ").partition("=")
+            if sep and re.fullmatch(r"[A-Z][A-Z0-9_]*", name):
+                check_env(name, value)
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
