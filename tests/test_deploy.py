@@ -8,6 +8,7 @@ running compose on a real engine is not done here (docs/deploying in the README 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -228,3 +229,17 @@ def test_the_runtime_lock_subset_is_complete_and_has_no_torch(tmp_path):
          "--require-hashes", "-q", "-r", str(lock)], capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_just_release_says_when_no_engine_answers_and_runs_nothing(tmp_path):
+    """`just release` checks the engine before anything else: exit 2, naming the socket and
+    the way to get an engine; no image is built, no compose project created."""
+    env = {**os.environ, "DOCKER_HOST": f"unix://{tmp_path}/no-such.sock"}
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "compose_release.py"), "--demo"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert f"unix://{tmp_path}/no-such.sock" in proc.stderr
+    assert "scripts/docker-engine.sh start" in proc.stderr and "nothing was run" in proc.stderr
+    assert "building" not in proc.stderr and proc.stdout == ""
