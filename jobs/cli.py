@@ -57,7 +57,12 @@ ConfigOpt = Annotated[
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON summary object on stdout.")]
 RunOpt = Annotated[
-    str, typer.Option("--run", help="Training run: 'latest', an id or a model version.")
+    str,
+    typer.Option(
+        "--run",
+        "--run-ref",  # under torchrun: its parser takes "--run" for its own --run-path
+        help="Training run: 'latest', an id or a model version.",
+    ),
 ]
 DEFAULT_CONFIG: Path | None = None  # jobs.config.load_config: $AIR_CONFIG, else the baseline
 

@@ -261,3 +261,21 @@ def test_rank_env_is_read_and_one_process_never_joins_a_group(monkeypatch, make_
         jobs.train.run(make_cfg(**{**DDP, "train__batch_size": 9}))
     assert not torch.distributed.is_initialized()
     assert distributed.exit_code_for([-9]) == 75 and distributed.exit_code_for([75, 2]) == 2
+
+
+def test_torchrun_passes_run_ref_through_but_not_run():
+    """torchrun's argument parser matches "--run" to its own --run-path even after the script
+    (argparse prefix matching); "--run-ref", the CLI's other name for the option, reaches the
+    job."""
+    from torch.distributed.run import get_args_parser
+    from typer.testing import CliRunner
+
+    from jobs import cli
+
+    parser = get_args_parser()
+    args = parser.parse_args(["--nproc-per-node", "2", "-m", "jobs.cli", "train", "--run-ref", "x"])
+    assert args.training_script_args == ["train", "--run-ref", "x"]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--nproc-per-node", "2", "-m", "jobs.cli", "train", "--run", "x"])
+    help_text = CliRunner().invoke(cli.app, ["train", "--help"]).output
+    assert "--run-ref" in help_text
