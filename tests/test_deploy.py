@@ -243,3 +243,42 @@ def test_just_release_says_when_no_engine_answers_and_runs_nothing(tmp_path):
     assert f"unix://{tmp_path}/no-such.sock" in proc.stderr
     assert "scripts/docker-engine.sh start" in proc.stderr and "nothing was run" in proc.stderr
     assert "building" not in proc.stderr and proc.stdout == ""
+
+
+def test_gpu_training_is_an_indexed_job_whose_torchrun_matches_its_shape():
+    """The GPU overlay's training: N pods of an Indexed Job, torchrun (through jobs.distributed,
+    which keeps the jobs' exit codes) with --nnodes = completions = JOB_COMPLETIONS, node rank
+    from the completion index, rendezvous on pod 0 through the headless Service the pods'
+    subdomain names, and then a real airatings command."""
+    objs = rendered("gpu")
+    (job,) = [o for o in objs if o["kind"] == "Job" and o["metadata"]["name"] == "airatings-train"]
+    spec, pod = job["spec"], job["spec"]["template"]["spec"]
+    (svc,) = [
+        o for o in objs if o["kind"] == "Service" and o["metadata"]["name"] == pod["subdomain"]
+    ]
+    assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"] is True
+    assert svc["spec"]["selector"] == {"batch.kubernetes.io/job-name": "airatings-train"}
+    assert spec["completionMode"] == "Indexed" and spec["completions"] == spec["parallelism"] >= 2
+    (c,) = pod["containers"]
+    cmd, env = c["command"], {e["name"]: e.get("value") for e in c["env"]}
+    assert cmd[:3] == ["python", "-m", "jobs.distributed"] and cmd[-2:] == [
+        "--no-python",
+        "airatings",
+    ]
+    flags = dict(a.split("=", 1) for a in cmd[3:-2])
+    assert flags["--nnodes"] == "$(JOB_COMPLETIONS)" and env["JOB_COMPLETIONS"] == str(
+        spec["completions"]
+    )
+    assert flags["--node-rank"] == "$(JOB_COMPLETION_INDEX)" and flags["--rdzv-backend"] == "c10d"
+    host, port = flags["--rdzv-endpoint"].split(":")
+    assert host == f"{job['metadata']['name']}-0.{svc['metadata']['name']}"
+    assert int(port) in {p["containerPort"] for p in c["ports"]}
+    check_args(c["args"])
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+    # the launcher's options are torchrun's own
+    from torch.distributed.run import get_args_parser
+
+    pod_env = {"JOB_COMPLETIONS": env["JOB_COMPLETIONS"], "JOB_COMPLETION_INDEX": "1"}
+    expanded = [re.sub(r"\$\((\w+)\)", lambda m: pod_env[m.group(1)], a) for a in cmd[3:]]
+    parsed = get_args_parser().parse_args([*expanded, *c["args"]])
+    assert parsed.no_python and parsed.training_script == "airatings" and parsed.node_rank == 1
