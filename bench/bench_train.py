@@ -138,6 +138,7 @@ def main() -> None:
         ds = train_data.ManifestDataset(
             paths, targets, np.ones(len(paths), np.float32), args.size, augment=True
         )
+        ds.set_epoch_seed(engine.epoch_seed(0, 1))  # per-row augmentation seeds, as training does
 
         # in-memory limit: the same batch, decoded once
         xs, ys, ws = zip(*(ds[i] for i in range(args.batch)), strict=True)
