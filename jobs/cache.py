@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hashlib
 import os
 import sys
@@ -125,26 +126,36 @@ def _dataset(cfg: Config, run: runs.Run) -> DatasetPaths:
     )
 
 
+def _conform_schema(schema: pa.Schema, path: Path) -> None:
+    """An InputError naming the first column of the manifest contract (jobs/manifests.py)
+    that ``schema`` lacks or types differently."""
+    from jobs.manifests import MANIFEST_SCHEMA
+
+    for field in MANIFEST_SCHEMA:
+        if field.name not in schema.names:
+            raise InputError(f"{path} has no column {field.name!r} (manifest contract)")
+        if not schema.field(field.name).type.equals(field.type):
+            raise InputError(
+                f"{path}: column {field.name!r} is {schema.field(field.name).type}, "
+                f"the manifest contract says {field.type}"
+            )
+
+
 def conform_manifest(table: pa.Table, path: Path) -> pa.Table:
     """The manifest in the contract's column order and types (jobs/manifests.py), or an
     InputError naming the first missing or mistyped column."""
     from jobs.manifests import MANIFEST_SCHEMA
 
-    for field in MANIFEST_SCHEMA:
-        if field.name not in table.column_names:
-            raise InputError(f"{path} has no column {field.name!r} (manifest contract)")
-        if not table.schema.field(field.name).type.equals(field.type):
-            raise InputError(
-                f"{path}: column {field.name!r} is {table.schema.field(field.name).type}, "
-                f"the manifest contract says {field.type}"
-            )
+    _conform_schema(table.schema, path)
     return table.select(MANIFEST_SCHEMA.names)
 
 
-def read_manifests(cfg: Config, run: runs.Run) -> dict[str, pa.Table]:
-    """The run's export manifests, each verified against the sha256 the export recorded in the
-    run's ``params_json['export']['files']`` (the database record is the authority, not the
-    dataset.json beside the files: docs/faults.md 31)."""
+def verified_manifests(cfg: Config, run: runs.Run) -> dict[str, Path]:
+    """The run's export manifests (split -> path), each verified against the sha256 the export
+    recorded in the run's ``params_json['export']['files']`` (the database record is the
+    authority, not the dataset.json beside the files: docs/faults.md 31), readable as Parquet
+    and in the manifest contract. Nothing is read into memory but the footers: the job reads
+    the columns it needs when it needs them (docs/faults.md 33)."""
     import pyarrow.parquet as pq
 
     dataset = _dataset(cfg, run)
@@ -173,11 +184,55 @@ def read_manifests(cfg: Config, run: runs.Run) -> dict[str, pa.Table]:
                 f"records {expected[:16]}...); refusing to cache from it. {fix}"
             )
         try:
-            table = pq.read_table(path)
+            schema = pq.read_schema(path)
         except Exception as exc:  # pyarrow raises several types for a bad file
             raise InputError(f"{path} is not a readable Parquet file: {exc}") from None
-        out[split] = conform_manifest(table, path)
+        _conform_schema(schema, path)
+        out[split] = path
     return out
+
+
+def _read_columns(path: Path, columns: list[str]) -> pa.Table:
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path, columns=columns)
+    except Exception as exc:  # pyarrow raises several types for a bad file
+        raise InputError(f"{path} is not a readable Parquet file: {exc}") from None
+
+
+def read_manifests(cfg: Config, run: runs.Run) -> dict[str, pa.Table]:
+    """The run's verified export manifests (``verified_manifests``), whole, in the contract."""
+    from jobs.manifests import MANIFEST_SCHEMA
+
+    return {
+        split: conform_manifest(_read_columns(path, MANIFEST_SCHEMA.names), path)
+        for split, path in verified_manifests(cfg, run).items()
+    }
+
+
+class ArrowStrings(Sequence[str]):
+    """A read-only sequence of str over an Arrow string array: 4 bytes of offset plus the
+    UTF-8 bytes an item, where a list of Python strings costs ~100 bytes a URL. Items become
+    ``str`` only when read; a slice is another ``ArrowStrings`` (no copy)."""
+
+    def __init__(self, array: pa.Array) -> None:
+        self.arrow = array
+
+    def __len__(self) -> int:
+        return len(self.arrow)
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            if i.step not in (None, 1):
+                raise ValueError("ArrowStrings slices have step 1")
+            start, stop, _ = i.indices(len(self.arrow))
+            return ArrowStrings(self.arrow.slice(start, max(0, stop - start)))
+        return self.arrow[i].as_py()
+
+    def __iter__(self) -> Iterator[str]:
+        for start in range(0, len(self.arrow), 4096):
+            yield from self.arrow.slice(start, 4096).to_pylist()
 
 
 # ---- the URL index (migration 0010) -----------------------------------------------------------
@@ -346,7 +401,11 @@ class UrlResults:
             )
             yield pa.record_batch(
                 {
-                    "url": pa.array(urls, pa.string()),
+                    "url": (
+                        urls.arrow.cast(pa.string())
+                        if isinstance(urls, ArrowStrings)
+                        else pa.array(urls, pa.string())
+                    ),
                     "image_sha256": digest,
                     "ext": pc.take(ext_names, pa.array(col["ext"])),
                     "reason": pc.take(reason_names, pa.array(col["reason"])),
@@ -859,43 +918,111 @@ def _complete_shard_set(cfg: Config, run: runs.Run) -> list[Path]:
     return [complete[n][i] for i in range(n)]
 
 
-def _active_manifest(
-    table: pa.Table, results: pa.Table, keep: Any, pos: Any, short_side: int
-) -> pa.Table:
-    """The manifest rows whose image cached, with where the image is, in the contract."""
+ACTIVE_ROW_GROUP = 16_384  # rows per row group of an active manifest (the merge's batch)
+
+
+def _active_batch(rows: pa.RecordBatch | pa.Table, sha: Any, ext: Any, short_side: int) -> pa.Table:
+    """Manifest rows whose image cached (``sha``, ``ext``: theirs), with where the image is."""
+    import pyarrow as pa
     import pyarrow.compute as pc
 
     from jobs.manifests import ACTIVE_SCHEMA
 
-    kept_pos = pos.filter(keep)
-    sha = results.column("image_sha256").take(kept_pos)
     prefix = pc.utf8_slice_codeunits(sha, 0, 2)
-    active = table.filter(keep)
+    active = rows if isinstance(rows, pa.Table) else pa.Table.from_batches([rows])
     active = active.append_column("image_sha256", sha)
     active = active.append_column(  # original_rel()
         "image_path",
-        pc.binary_join_element_wise(
-            "images/original/", prefix, "/", sha, ".", results.column("ext").take(kept_pos), ""
-        ),
+        pc.binary_join_element_wise("images/original/", prefix, "/", sha, ".", ext, ""),
     )
     active = active.append_column(  # train_rel()
         "train_image_path",
         pc.binary_join_element_wise(f"images/train{short_side}/", prefix, "/", sha, ".jpg", ""),
     )
-    ids = active.column("snapshot_id")
-    if len(ids) > 1 and not pc.all(pc.less_equal(ids[:-1], ids[1:])).as_py():
-        active = active.take(pc.sort_indices(active, [("snapshot_id", "ascending")]))
     return active.cast(ACTIVE_SCHEMA)  # exactly the contract training reads
+
+
+def _write_active(
+    path: Path, final: Path, results: pa.Table, keep: Any, pos: Any, short_side: int
+) -> int:
+    """The active manifest of one split: the manifest at ``path`` streamed in batches (one
+    batch of rows in memory, not the split), each row kept by ``keep`` given its result row
+    ``pos``, written in row groups of ``ACTIVE_ROW_GROUP`` rows, atomically. Rows in
+    snapshot_id order, as the export writes them; a manifest that is not is sorted in memory.
+    Returns the rows written."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from jobs.manifests import ACTIVE_SCHEMA, MANIFEST_SCHEMA
+
+    keep = keep.combine_chunks() if isinstance(keep, pa.ChunkedArray) else keep
+    pos = pos.combine_chunks() if isinstance(pos, pa.ChunkedArray) else pos
+    sha_col, ext_col = results.column("image_sha256"), results.column("ext")
+    ids = _read_columns(path, ["snapshot_id"]).column("snapshot_id")
+    in_order = len(ids) < 2 or pc.all(pc.less_equal(ids[:-1], ids[1:])).as_py()
+    del ids
+    written = 0
+
+    def pieces() -> Iterator[pa.Table]:
+        if not in_order:  # not the export's order: the whole split, sorted (not expected)
+            table = _read_columns(path, MANIFEST_SCHEMA.names).select(MANIFEST_SCHEMA.names)
+            kept_pos = pos.filter(keep)
+            active = _active_batch(
+                table.filter(keep), sha_col.take(kept_pos), ext_col.take(kept_pos), short_side
+            )
+            yield active.take(pc.sort_indices(active, [("snapshot_id", "ascending")]))
+            return
+        start = 0
+        for batch in pq.ParquetFile(path).iter_batches(
+            batch_size=ACTIVE_ROW_GROUP, columns=MANIFEST_SCHEMA.names
+        ):
+            batch = batch.select(MANIFEST_SCHEMA.names)
+            k = keep.slice(start, batch.num_rows)
+            kept_pos = pos.slice(start, batch.num_rows).filter(k)
+            start += batch.num_rows
+            yield _active_batch(
+                batch.filter(k), sha_col.take(kept_pos), ext_col.take(kept_pos), short_side
+            )
+
+    def check(p: Path) -> None:
+        meta = pq.read_metadata(p)  # a footerless file raises here
+        if meta.num_rows != written:
+            raise InputError(f"{final}: wrote {meta.num_rows} rows, expected {written}")
+
+    with atomic_path(final, check=check) as tmp, pq.ParquetWriter(tmp, ACTIVE_SCHEMA) as w:
+        # Row groups of ACTIVE_ROW_GROUP output rows whatever the input batches kept, so the
+        # file depends on the rows alone (a 3-shard merge writes a 1-shard merge's bytes).
+        pending: list[pa.Table] = []
+        held = 0
+        for piece in pieces():
+            pending.append(piece)
+            held += piece.num_rows
+            while held >= ACTIVE_ROW_GROUP:
+                buffered = pa.concat_tables(pending)
+                w.write_table(buffered.slice(0, ACTIVE_ROW_GROUP), row_group_size=ACTIVE_ROW_GROUP)
+                written += ACTIVE_ROW_GROUP
+                rest = buffered.slice(ACTIVE_ROW_GROUP)
+                pending, held = [rest], rest.num_rows
+        if held or not written:
+            w.write_table(pa.concat_tables(pending or [ACTIVE_SCHEMA.empty_table()]))
+            written += held
+    return written
 
 
 def merge_shards(
     cfg: Config,
     run: runs.Run,
-    manifests: dict[str, pa.Table] | None = None,
+    manifests: dict[str, Path] | None = None,
     *,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Shard results + manifests -> failures.parquet, active manifests, status 'cached'."""
+    """Shard results + manifests -> failures.parquet, active manifests, status 'cached'.
+
+    Memory: the shard results' few columns (without their URLs once each manifest row found
+    its result) and 4 bytes a manifest row for that position; each manifest is read a column
+    or a batch of rows at a time (docs/faults.md 33). ``manifests``: split -> path, verified
+    (``verified_manifests``); by default verified here."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
@@ -903,22 +1030,30 @@ def merge_shards(
     from jobs.fetch import redact_url
 
     log = get_logger()
-    manifests = manifests or read_manifests(cfg, run)
+    manifests = manifests or verified_manifests(cfg, run)
     shard_files = _complete_shard_set(cfg, run)
     # All in Arrow, so a merge of 200k URLs holds columns, not a Python object per row.
     results = pa.concat_tables(
         pq.read_table(p, columns=["url", "image_sha256", "ext", "reason", "attempts"])
         for p in shard_files
     ).combine_chunks()
+    # Each manifest row's result row (null: no shard has it), from the URL columns alone;
+    # then the results' URLs are dropped.
+    positions = {}
+    for split, path in manifests.items():
+        urls = _read_columns(path, ["firebase_url"]).column("firebase_url")
+        positions[split] = pc.index_in(urls, value_set=results.column("url"))
+    results = results.drop_columns(["url"])
 
     short = cfg.cache.train_short_side
     fail_parts: list[pa.Table] = []
-    found: dict[str, tuple[pa.ChunkedArray, pa.ChunkedArray]] = {}  # split -> (keep, position)
+    found: dict[str, tuple[Any, Any]] = {}  # split -> (keep, position)
     counts: dict[str, dict[str, int]] = {}
-    for split, table in manifests.items():
-        urls = table.column("firebase_url")
+    for split, path in manifests.items():
+        cols = _read_columns(path, ["snapshot_id", "firebase_url"])
+        urls = cols.column("firebase_url")
+        pos = positions.pop(split)
         missing = pc.fill_null(pc.equal(urls, ""), True)  # null or empty: nothing to fetch
-        pos = pc.index_in(urls, value_set=results.column("url"))  # null: no shard has it
         got = pc.and_(
             pc.is_valid(results.column("image_sha256").take(pos)),
             pc.is_valid(results.column("ext").take(pos)),
@@ -940,7 +1075,7 @@ def merge_shards(
         fail_parts.append(
             pa.table(
                 {
-                    "snapshot_id": table.column("snapshot_id").filter(lost),
+                    "snapshot_id": cols.column("snapshot_id").filter(lost),
                     "split": pa.array([split] * len(fail_reason), pa.string()),
                     "url": pa.array(
                         [redact_url(u) for u in urls.filter(lost).to_pylist()], pa.string()
@@ -953,7 +1088,8 @@ def merge_shards(
             )
         )
         kept = pc.sum(keep).as_py() or 0
-        counts[split] = {"rows": table.num_rows, "active": kept, "failed": table.num_rows - kept}
+        counts[split] = {"rows": cols.num_rows, "active": kept, "failed": cols.num_rows - kept}
+        del cols, urls
 
     failures = pa.concat_tables(fail_parts).combine_chunks()
     failures = failures.take(pc.sort_indices(failures, [("snapshot_id", "ascending")]))
@@ -987,12 +1123,9 @@ def merge_shards(
         )
     active_files = {}
     for split, path in paths.of(cfg).run(run.model_version).active_manifests.items():
-        # one split's active manifest in memory at a time
-        active = _active_manifest(manifests[split], results, *found.pop(split), short)
-        atomic_write_parquet(active, path)
+        rows = _write_active(manifests[split], path, results, *found.pop(split), short)
         # what training verifies each file against (and a re-run of this step, to trust it)
-        active_files[path.name] = {"rows": active.num_rows, "sha256": sha256_file(path)}
-        del active
+        active_files[path.name] = {"rows": rows, "sha256": sha256_file(path)}
 
     summary = {
         "rows": total,
@@ -1063,11 +1196,42 @@ def _has_complete_shards(cfg: Config, run: runs.Run) -> bool:
     return True
 
 
-def _distinct_urls(manifests: dict[str, pa.Table]) -> list[str]:
-    seen: set[str] = set()
-    for table in manifests.values():
-        seen.update(u for u in table.column("firebase_url").to_pylist() if u)
-    return sorted(seen)
+def _distinct_urls(manifests: dict[str, Path], shard: tuple[int, int] = (0, 1)) -> ArrowStrings:
+    """The manifests' distinct non-empty URLs, sorted, in this shard's share, read one column
+    at a time into Arrow (no Python string per URL)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    parts = []
+    for path in manifests.values():
+        urls = _read_columns(path, ["firebase_url"]).column("firebase_url")
+        parts.append(pc.unique(urls.filter(pc.fill_null(pc.not_equal(urls, ""), False))))
+    urls = pc.unique(pa.chunked_array(parts, pa.string()))
+    urls = urls.take(pc.sort_indices(urls))
+    i, n = shard
+    if n > 1:
+        mine = np.fromiter(
+            (shard_of(u, n) == i for u in ArrowStrings(urls)), dtype=bool, count=len(urls)
+        )
+        urls = urls.filter(pa.array(mine))
+    return ArrowStrings(urls)
+
+
+@contextlib.contextmanager
+def _system_arrow_pool() -> Iterator[None]:
+    """Arrow's buffers from the system allocator while the job runs: the default (mimalloc)
+    keeps the pages of freed buffers, and the merge's per-batch work then held ~700 bytes a
+    manifest row of freed memory (64 MiB more at 100k rows than at 10k, for 8 MB of live
+    buffers): measured in bench/bench_scale.py, BENCHMARKS.md "Scale"."""
+    import pyarrow as pa
+
+    before = pa.default_memory_pool()
+    pa.set_memory_pool(pa.system_memory_pool())
+    try:
+        yield
+    finally:
+        pa.set_memory_pool(before)
 
 
 def _get_run(cfg: Config, run_ref: str | int) -> runs.Run:
@@ -1087,6 +1251,19 @@ def run(
     """Cache the images of the run ``run_ref`` names (an id, a model version or "latest";
     this shard's share), then (unsharded, or ``merge``) write the failures and active
     manifests and move the run to ``cached``."""
+    with _system_arrow_pool():
+        return _run(cfg, run_ref, shard, merge, env=env, fetcher=fetcher)
+
+
+def _run(
+    cfg: Config,
+    run_ref: str | int,
+    shard: str | None,
+    merge: bool,
+    *,
+    env: dict[str, str] | None,
+    fetcher: Fetcher | None,
+) -> dict[str, Any]:
     log = get_logger()
     started = time.monotonic()
     if merge and shard is not None:
@@ -1127,7 +1304,7 @@ def run(
             # rebuilds the files (not even the failed URLs are asked again)
             merge = merge or _has_complete_shards(cfg, run)
 
-        manifests = read_manifests(cfg, run)
+        manifests = verified_manifests(cfg, run)
         if merge:
             summary = merge_shards(cfg, run, manifests)
             log.info(
@@ -1147,8 +1324,7 @@ def run(
             foreign_age_s=max(FOREIGN_TEMP_AGE_S, 2 * cfg.cache.total_timeout_s),
         )
         swept += sweep_temp(paths.of(cfg).run(run.model_version).root)
-        all_urls = _distinct_urls(manifests)
-        urls = [u for u in all_urls if shard_of(u, n) == i] if n > 1 else all_urls
+        urls = _distinct_urls(manifests, (i, n))
         log.info("cache_started", urls=len(urls), shard=f"{i}/{n}", swept_temp_files=swept)
         with db.connect(cfg, autocommit=True) as conn:
             results, stats = asyncio.run(
@@ -1176,7 +1352,11 @@ def run(
                 **shard_summary,
                 "next": f"after all {n} shards: airatings cache --merge --run {run.model_version}",
             }
-        summary = merge_shards(cfg, run, manifests, extra={"fetch": shard_summary})
+        # The fetch phase's structures go before the merge (which verifies the manifests
+        # again: the fetch took a while).
+        del results, urls, failed
+        gc.collect()
+        summary = merge_shards(cfg, run, extra={"fetch": shard_summary})
         return {
             **base,
             "status": "cached",
