@@ -28,7 +28,15 @@ them after the first migrate; the next migrate, which every release starts with,
   (``<ml_schema>.model_version_rank``): the latest time it was made ``production`` (its
   alias history id), then its run id; a version the registry does not know ranks lowest, so
   an older model finishing late never overwrites a newer one, and a rolled-back-to version
-  does (its promotion is newer). The webcam rows are locked in id order first, so two scorers
+  does (its promotion is newer). ``refresh_webcam_ai(webcam_ids, model_version,
+  snapshot_ids)``, what the Python scorer calls with its batch's snapshots, gives the same
+  result at the cost of the batch, not of the history: it keeps each webcam's newest scored
+  snapshot per version in ``<ml_schema>.webcam_ai_newest`` (migration 0070) and folds the
+  batch's rows into it; a webcam without that row, or whose row's snapshot or inference row is
+  gone or changed, is recomputed from its history once. The two-argument form (the app's Node
+  cron) recomputes from the history every time, and rewrites that row too. Both assume what
+  docs/faults.md 22 asks: whoever inserts inference rows refreshes their webcams in the same
+  transaction. The webcam rows are locked in id order first, so two scorers
   of the same version serialise and the later one sees the earlier one's rows (``for no key
 update``: ``for update`` would conflict with the key-share locks the inference rows' foreign
 key checks hold, and two shards writing for one webcam would deadlock).
@@ -169,7 +177,14 @@ def apply(cfg: Config, conn: psycopg.Connection) -> dict[str, Any]:
             grant("grant usage on sequence {seq} to {role}", "airatings_score", seq=sql.SQL(seq))
         grant(
             "grant execute on function {m}.refresh_webcam_ai(bigint[], text),"
+            " {m}.refresh_webcam_ai(bigint[], text, bigint[]),"
+            " {m}.webcam_ai_recompute(bigint[], text), {m}.webcam_ai_apply(bigint[], text),"
             " {m}.model_version_rank(text) to {role}",
+            "airatings_score",
+            m=m,
+        )
+        grant(
+            "grant select, insert, update, delete on {m}.webcam_ai_newest to {role}",
             "airatings_score",
             m=m,
         )
@@ -227,28 +242,33 @@ as $fn$
     ]
 $fn$;
 
-create or replace function {m}.refresh_webcam_ai(webcam_ids bigint[], version text)
+create or replace function {m}.webcam_ai_recompute(webcam_ids bigint[], version text)
+returns void
+language sql
+as $fn$
+    -- the webcams' newest scored snapshots for the version, from all their inference rows
+    delete from {m}.webcam_ai_newest
+    where webcam_id = any(webcam_ids) and model_version = version;
+    insert into {m}.webcam_ai_newest (webcam_id, model_version, snapshot_id, captured_at, ai_rating)
+    select distinct on (i.webcam_id) i.webcam_id, version, s.id, s.captured_at, i.ai_rating
+    from {a}.snapshot_ai_inferences i
+    join {a}.webcam_snapshots s on s.id = i.snapshot_id
+    where i.webcam_id = any(webcam_ids) and i.model_version = version
+    order by i.webcam_id, s.captured_at desc, s.id desc;
+$fn$;
+
+create or replace function {m}.webcam_ai_apply(webcam_ids bigint[], version text)
 returns integer
 language plpgsql
 as $fn$
 declare
     changed integer;
 begin
-    -- serialise with any other scorer on these webcams (id order: no deadlock); the next
-    -- statement then sees what the one before us committed
-    -- no key update: the inserts' foreign-key checks hold key-share locks on these rows
-    perform 1 from {a}.webcams where id = any(webcam_ids) order by id for no key update;
-    with newest as (
-        select distinct on (i.webcam_id) i.webcam_id, i.ai_rating
-        from {a}.snapshot_ai_inferences i
-        join {a}.webcam_snapshots s on s.id = i.snapshot_id
-        where i.webcam_id = any(webcam_ids) and i.model_version = version
-        order by i.webcam_id, s.captured_at desc, s.id desc
-    )
     update {a}.webcams w
     set ai_rating = n.ai_rating, ai_model_version = version
-    from newest n
-    where w.id = n.webcam_id
+    from {m}.webcam_ai_newest n
+    where n.webcam_id = any(webcam_ids) and n.model_version = version
+      and w.id = n.webcam_id
       and (w.ai_model_version is null
            or w.ai_model_version = version
            or {m}.model_version_rank(w.ai_model_version) <= {m}.model_version_rank(version))
@@ -256,6 +276,64 @@ begin
            or w.ai_model_version is distinct from version);
     get diagnostics changed = row_count;
     return changed;
+end;
+$fn$;
+
+-- the webcams' fields from all their inference rows for the version (what the app's Node
+-- cron calls: it does not pass the batch's snapshots); cost: the webcams' history
+create or replace function {m}.refresh_webcam_ai(webcam_ids bigint[], version text)
+returns integer
+language plpgsql
+as $fn$
+begin
+    -- serialise with any other scorer on these webcams (id order: no deadlock); the next
+    -- statement then sees what the one before us committed
+    -- no key update: the inserts' foreign-key checks hold key-share locks on these rows
+    perform 1 from {a}.webcams where id = any(webcam_ids) order by id for no key update;
+    perform {m}.webcam_ai_recompute(webcam_ids, version);
+    return {m}.webcam_ai_apply(webcam_ids, version);
+end;
+$fn$;
+
+-- the same result from the batch's own rows (snapshot_ids: the batch's snapshots) and each
+-- webcam's newest row so far (webcam_ai_newest); cost: the batch, not the history. A webcam
+-- without that row, or whose row's snapshot or inference row is gone or changed, is
+-- recomputed from its history (once).
+create or replace function {m}.refresh_webcam_ai(
+    webcam_ids bigint[], version text, snapshot_ids bigint[]
+)
+returns integer
+language plpgsql
+as $fn$
+declare
+    stale bigint[];
+begin
+    perform 1 from {a}.webcams where id = any(webcam_ids) order by id for no key update;
+    select coalesce(array_agg(w.id), '{{}}') into stale
+    from (select distinct unnest(webcam_ids) as id) w
+    left join {m}.webcam_ai_newest n on n.webcam_id = w.id and n.model_version = version
+    left join {a}.snapshot_ai_inferences i
+      on i.snapshot_id = n.snapshot_id and i.model_version = version
+    left join {a}.webcam_snapshots s on s.id = n.snapshot_id
+    where n.webcam_id is null or i.id is null or s.id is null
+       or i.webcam_id <> n.webcam_id or s.captured_at <> n.captured_at
+       or i.ai_rating <> n.ai_rating;
+    if cardinality(stale) > 0 then
+        perform {m}.webcam_ai_recompute(stale, version);
+    end if;
+    insert into {m}.webcam_ai_newest as n
+        (webcam_id, model_version, snapshot_id, captured_at, ai_rating)
+    select distinct on (i.webcam_id) i.webcam_id, version, s.id, s.captured_at, i.ai_rating
+    from {a}.snapshot_ai_inferences i
+    join {a}.webcam_snapshots s on s.id = i.snapshot_id
+    where i.snapshot_id = any(snapshot_ids) and i.model_version = version
+      and i.webcam_id = any(webcam_ids) and not i.webcam_id = any(stale)
+    order by i.webcam_id, s.captured_at desc, s.id desc
+    on conflict (webcam_id, model_version) do update
+    set snapshot_id = excluded.snapshot_id, captured_at = excluded.captured_at,
+        ai_rating = excluded.ai_rating
+    where (excluded.captured_at, excluded.snapshot_id) > (n.captured_at, n.snapshot_id);
+    return {m}.webcam_ai_apply(webcam_ids, version);
 end;
 $fn$;
 """

@@ -273,7 +273,8 @@ class Store:
             conn.execute(
                 "select to_regprocedure(%s)",
                 (
-                    f"{sql.Identifier(cfg.database.ml_schema).as_string(conn)}.refresh_webcam_ai(bigint[], text)",
+                    f"{sql.Identifier(cfg.database.ml_schema).as_string(conn)}"
+                    ".refresh_webcam_ai(bigint[], text, bigint[])",
                 ),
             ).fetchone()[0]
             is None
@@ -420,8 +421,12 @@ class Store:
             updated = 0
             if webcams:
                 (updated,) = self.conn.execute(
-                    sql.SQL("select {m}.refresh_webcam_ai(%s::bigint[], %s)").format(m=self.m),
-                    (webcams, v),
+                    # the batch's snapshots: the function compares their rows with each
+                    # webcam's newest so far instead of reading its whole history
+                    sql.SQL("select {m}.refresh_webcam_ai(%s::bigint[], %s, %s::bigint[])").format(
+                        m=self.m
+                    ),
+                    (webcams, v, [s.id for s, *_ in scored]),
                 ).fetchone()
         return inserted, int(updated)
 

@@ -369,3 +369,95 @@ def test_two_scorers_on_one_webcam_serialise_without_deadlock(world):
         tb.join(30)
     assert errors == []
     assert set(world.inferences()) == {a_sid, b_sid}
+
+
+def _rows_read(cfg, table: str) -> int:
+    """Rows an app table has given to scans so far (sequential and index), once the counts
+    stop moving (each backend reports its counts when it exits)."""
+    import time
+
+    last = None
+    for _ in range(40):
+        with db.connect(cfg, autocommit=True) as conn:
+            conn.execute("select pg_stat_clear_snapshot()")
+            (now,) = conn.execute(
+                "select coalesce(seq_tup_read, 0) + coalesce(idx_tup_fetch, 0)"
+                " from pg_stat_user_tables where schemaname = %s and relname = %s",
+                (cfg.database.app_schema, table),
+            ).fetchone()
+        if now == last:
+            return int(now)
+        last = now
+        time.sleep(0.5)
+    return int(last)
+
+
+def test_refresh_reads_the_batch_not_the_webcams_history(world):
+    """Webcam 1 has 3,000 scored snapshots. The two-argument refresh (the Node cron's) reads
+    them all; the scorer's form, given its batch's snapshots, reads a few rows whatever the
+    history (it read the history on every batch: 56.9 ms a call at 100k snapshots,
+    BENCHMARKS.md "Scale"), and gives the same fields: the newest snapshot wins, an older one
+    scored late does not, and a newest row deleted by the app falls back to the history's."""
+    import datetime as dt
+
+    from score_fixtures import NOW
+
+    cfg, v, history = world.cfg, world.version, 3000
+    snaps, infs = world.app("webcam_snapshots"), world.app("snapshot_ai_inferences")
+
+    def add(conn, rows):  # (snapshot id, captured_at, ai_rating) for webcam 1, scored by v
+        with conn.cursor() as cur:
+            with cur.copy(
+                sql.SQL(
+                    "copy {} (id, webcam_id, firebase_url, phase, captured_at, calculated_rating,"
+                    " rating_count) from stdin"
+                ).format(snaps)
+            ) as cp:
+                for sid, at, _ in rows:
+                    cp.write_row((sid, 1, None, "sunset", at, 3, 2))
+            with cur.copy(
+                sql.SQL(
+                    "copy {} (snapshot_id, webcam_id, model_version, raw_score, ai_rating,"
+                    " gate_passed) from stdin"
+                ).format(infs)
+            ) as cp:
+                for sid, _, rating in rows:
+                    cp.write_row((sid, 1, v, 0.0, rating, True))
+
+    old = NOW - dt.timedelta(days=30)
+    with db.connect(cfg) as conn:
+        add(conn, [(5000 + k, old - dt.timedelta(seconds=k), 1.0 + k % 3) for k in range(history)])
+        conn.execute(sql.SQL("analyze {}, {}").format(snaps, infs))
+    m = sql.Identifier(cfg.database.ml_schema)
+    full = sql.SQL("select {}.refresh_webcam_ai(array[1]::bigint[], %s)").format(m)
+    batch = sql.SQL("select {}.refresh_webcam_ai(array[1]::bigint[], %s, %s::bigint[])").format(m)
+
+    def call(q, *args):  # as the scorer does, in its own connection and transaction
+        before = _rows_read(cfg, "snapshot_ai_inferences") + _rows_read(cfg, "webcam_snapshots")
+        with psycopg.connect(world.scorer_url) as conn:
+            (changed,) = conn.execute(q, (v, *args)).fetchone()
+        after = _rows_read(cfg, "snapshot_ai_inferences") + _rows_read(cfg, "webcam_snapshots")
+        return changed, after - before
+
+    changed, read = call(full)
+    assert changed == 1 and world.webcams()[1] == (1.0, v)  # snapshot 5000, the newest
+    assert read >= history, read  # the measurement sees a history read
+
+    with db.connect(cfg) as conn:
+        add(conn, [(9001, NOW, 4.5)])
+    changed, read = call(batch, [9001])
+    assert changed == 1 and world.webcams()[1] == (4.5, v)
+    assert read <= 20, read  # the batch and the newest row so far, not 3,000
+
+    with db.connect(cfg) as conn:  # older than 9001, scored late
+        add(conn, [(9002, NOW - dt.timedelta(days=40), 0.5)])
+    changed, read = call(batch, [9002])
+    assert changed == 0 and world.webcams()[1] == (4.5, v) and read <= 20, read
+    assert call(full)[0] == 0  # the whole history agrees
+
+    with db.connect(cfg) as conn:  # the app deletes the newest snapshot's row
+        conn.execute(sql.SQL("delete from {} where snapshot_id = 9001").format(infs))
+        add(conn, [(9003, NOW - dt.timedelta(days=50), 2.5)])
+    changed, _ = call(batch, [9003])
+    assert changed == 1 and world.webcams()[1] == (1.0, v)  # snapshot 5000 again
+    assert call(full)[0] == 0
