@@ -57,10 +57,11 @@ status)
     exit 1
     ;;
 stop)
-    if [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
-        kill "$(cat "$pidfile")"
+    pid="$(cat "$pidfile" 2>/dev/null || true)"  # dockerd removes its pidfile as it exits
+    if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+        kill "$pid"
         for _ in $(seq 1 30); do
-            kill -0 "$(cat "$pidfile")" 2>/dev/null || break
+            kill -0 "$pid" 2>/dev/null || break
             sleep 1
         done
     fi
