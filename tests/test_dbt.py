@@ -123,6 +123,32 @@ def test_docs_generate_works_offline(built):
     assert types == {"ml", "application"}
     assert summary["docs"].endswith("index.html")
 
+    # The lineage the docs draw: app sources -> staging -> marts -> each exposure (the training
+    # export, the app's cron scorer, the review loop).
+    parents = manifest["parent_map"]
+
+    def upstream(node: str) -> set[str]:
+        seen, todo = set(), [node]
+        while todo:
+            for p in parents.get(todo.pop(), []):
+                if p not in seen:
+                    seen.add(p)
+                    todo.append(p)
+        return seen
+
+    exposures = {e["name"]: uid for uid, e in manifest["exposures"].items()}
+    assert {"training_export", "app_cron_scorer", "review_loop"} <= set(exposures)
+    for name in ("training_export", "app_cron_scorer", "review_loop"):
+        above = upstream(exposures[name])
+        sources = {n for n in above if n.startswith("source.airatings.app.")}
+        marts = {n for n in above if n.startswith("model.") and ".fct_" in n}
+        staging = {n for n in above if n.startswith("model.") and ".stg_app__" in n}
+        assert {
+            "source.airatings.app.webcam_snapshots",
+            "source.airatings.app.webcam_snapshot_ratings",
+        } <= sources, name
+        assert marts and staging, name
+
 
 def test_vars_are_rechecked_before_reaching_sql(built):
     cfg, _, _ = built
