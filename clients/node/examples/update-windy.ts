@@ -8,7 +8,8 @@
  * `on conflict (snapshot_id, model_version) do nothing` (a re-run writes nothing new, and
  * racing the Python scorer is harmless), failures into `<ml>.score_failures` (permanent ones
  * are not retried), and the webcam fields through `<ml>.refresh_webcam_ai(webcam_ids,
- * version)`: its newest scored snapshot's aiRating, never over a newer model's value. It runs
+ * version, snapshot_ids)`: its newest scored snapshot's aiRating, never over a newer model's
+ * value. It runs
  * under a login holding `airatings_score` (least privilege) and needs nothing else.
  *
  *   DATABASE_URL=postgresql://scorer@db/app AI_MODEL_DIR=artifacts/models/<version> \
@@ -257,8 +258,10 @@ export async function updateWindy(options: CronOptions): Promise<CronSummary> {
         const webcams = [...new Set(scored.map((s) => s.snap.webcamId))].sort((x, y) => x - y);
         if (webcams.length) {
           const res = await client.query<{ n: number }>(
-            `select ${m}.refresh_webcam_ai($1::bigint[], $2) as n`,
-            [webcams, version],
+            // with the batch's snapshots: folds them into each webcam's newest so far (the
+            // cost of the batch, not of the webcams' history)
+            `select ${m}.refresh_webcam_ai($1::bigint[], $2, $3::bigint[]) as n`,
+            [webcams, version, scored.map((s) => s.snap.id)],
           );
           summary.webcamsUpdated += Number(res.rows[0]?.n ?? 0);
         }
