@@ -16,4 +16,5 @@ create table webcam_ai_newest (
 );
 
 comment on table webcam_ai_newest is
-'Per webcam and model version, its newest scored snapshot (captured_at, id) and that row''s aiRating; kept by refresh_webcam_ai.';
+'Per webcam and model version, its newest scored snapshot (captured_at, id) and that row''s '
+'aiRating; kept by refresh_webcam_ai.';
