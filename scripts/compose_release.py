@@ -23,15 +23,27 @@ and ``docker compose cp`` can fetch artifacts.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import docker_images  # noqa: E402  (a sibling script, not a package)
+def _sibling(name: str):
+    """A sibling script as a module, by path: scripts/ is not a package, and putting it on
+    sys.path would shadow same-named modules of whoever imports this (the tests' fixtures)."""
+    spec = importlib.util.spec_from_file_location(
+        f"airatings_scripts_{name}", Path(__file__).resolve().with_name(f"{name}.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+docker_images = _sibling("docker_images")
 
 REPO = docker_images.REPO
 CHAIN = [

@@ -15,6 +15,7 @@ saying why, except under CI, where they fail.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -26,10 +27,22 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
 
-import compose_release  # noqa: E402  (scripts/ is not a package)
-import docker_images  # noqa: E402
+
+def _script(name: str):
+    """scripts/<name>.py as a module, by path (not via sys.path: scripts/node_fixture.py would
+    shadow tests/node_fixture.py)."""
+    spec = importlib.util.spec_from_file_location(
+        f"airatings_scripts_{name}", REPO / "scripts" / f"{name}.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+compose_release = _script("compose_release")
+docker_images = compose_release.docker_images
 
 ENGINE = REPO / "scripts" / "docker-engine.sh"
 JUST = str(Path(sys.executable).with_name("just"))  # rust-just, in the venv with pytest
