@@ -44,19 +44,12 @@ def _sibling(name: str):
 
 
 docker_images = _sibling("docker_images")
+from jobs.release import STEPS  # noqa: E402  (the venv has the project installed)
 
 REPO = docker_images.REPO
-CHAIN = [
-    "migrate",
-    "export",
-    "cache",
-    "train",
-    "evaluate",
-    "export-onnx",
-    "register",
-    "score",
-    "review",
-]
+# the compose chain: a release's steps (jobs/release.py, the one place they are ordered), then
+# the scorer and the review report
+CHAIN = [*(step.name for step in STEPS), "score", "review"]
 DEFAULT_URL = "postgresql://airatings:localdb-only@postgres:5432/airatings"
 
 

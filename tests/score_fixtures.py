@@ -202,3 +202,28 @@ def _plant(cfg: Config, reg: Registry, tmp: Path, server: Server, version: str) 
             (app("webcam_snapshots").as_string(conn),),
         )
     return world
+
+
+def rows_read(cfg, table: str, *, index: bool = True) -> int:
+    """Rows an app table has given to scans so far (sequential, and index fetches unless
+    ``index=False``), once the counts stop moving (each backend reports its counts when it
+    exits)."""
+    import time
+
+    from jobs import db
+
+    columns = "coalesce(seq_tup_read, 0)" + (" + coalesce(idx_tup_fetch, 0)" if index else "")
+    last = None
+    for _ in range(40):
+        with db.connect(cfg, autocommit=True) as conn:
+            conn.execute("select pg_stat_clear_snapshot()")
+            (now,) = conn.execute(
+                f"select {columns} from pg_stat_user_tables"  # noqa: S608 - two fixed spellings
+                " where schemaname = %s and relname = %s",
+                (cfg.database.app_schema, table),
+            ).fetchone()
+        if now == last:
+            return int(now)
+        last = now
+        time.sleep(0.5)
+    return int(last)

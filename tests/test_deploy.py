@@ -19,6 +19,8 @@ import jsonschema
 import pytest
 import yaml
 
+from jobs.release import STEPS
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 OVERLAYS = ("cpu", "gpu")
@@ -87,17 +89,8 @@ def test_compose_file_matches_the_compose_spec():
 def test_compose_jobs_are_real_commands_hardened_and_chained():
     doc = compose()
     services = doc["services"]
-    chain = [
-        "migrate",
-        "export",
-        "cache",
-        "train",
-        "evaluate",
-        "export-onnx",
-        "register",
-        "score",
-        "review",
-    ]
+    # the release's steps in their order (jobs/release.py), then score and review
+    chain = [*(step.name for step in STEPS), "score", "review"]
     for prev, name in zip(chain, chain[1:], strict=False):
         assert services[name]["depends_on"][prev]["condition"] == "service_completed_successfully"
     for name, svc in services.items():

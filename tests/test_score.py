@@ -17,7 +17,7 @@ from cache_fixtures import http_server, server  # noqa: F401 - fixtures
 from conftest import air_env
 from psycopg import sql
 from registry_fixtures import SETTINGS, shared_exported_world
-from score_fixtures import OVERRIDES, register, scoring_world
+from score_fixtures import OVERRIDES, register, rows_read, scoring_world
 
 from jobs import db, paths, registry, score
 from jobs.errors import InputError
@@ -371,27 +371,6 @@ def test_two_scorers_on_one_webcam_serialise_without_deadlock(world):
     assert set(world.inferences()) == {a_sid, b_sid}
 
 
-def _rows_read(cfg, table: str) -> int:
-    """Rows an app table has given to scans so far (sequential and index), once the counts
-    stop moving (each backend reports its counts when it exits)."""
-    import time
-
-    last = None
-    for _ in range(40):
-        with db.connect(cfg, autocommit=True) as conn:
-            conn.execute("select pg_stat_clear_snapshot()")
-            (now,) = conn.execute(
-                "select coalesce(seq_tup_read, 0) + coalesce(idx_tup_fetch, 0)"
-                " from pg_stat_user_tables where schemaname = %s and relname = %s",
-                (cfg.database.app_schema, table),
-            ).fetchone()
-        if now == last:
-            return int(now)
-        last = now
-        time.sleep(0.5)
-    return int(last)
-
-
 def test_refresh_reads_the_batch_not_the_webcams_history(world):
     """Webcam 1 has 3,000 scored snapshots. The two-argument refresh (the Node cron's) reads
     them all; the scorer's form, given its batch's snapshots, reads a few rows whatever the
@@ -433,10 +412,10 @@ def test_refresh_reads_the_batch_not_the_webcams_history(world):
     batch = sql.SQL("select {}.refresh_webcam_ai(array[1]::bigint[], %s, %s::bigint[])").format(m)
 
     def call(q, *args):  # as the scorer does, in its own connection and transaction
-        before = _rows_read(cfg, "snapshot_ai_inferences") + _rows_read(cfg, "webcam_snapshots")
+        before = rows_read(cfg, "snapshot_ai_inferences") + rows_read(cfg, "webcam_snapshots")
         with psycopg.connect(world.scorer_url) as conn:
             (changed,) = conn.execute(q, (v, *args)).fetchone()
-        after = _rows_read(cfg, "snapshot_ai_inferences") + _rows_read(cfg, "webcam_snapshots")
+        after = rows_read(cfg, "snapshot_ai_inferences") + rows_read(cfg, "webcam_snapshots")
         return changed, after - before
 
     changed, read = call(full)

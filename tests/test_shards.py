@@ -23,7 +23,7 @@ from conftest import AIRATINGS, air_env
 from export_fixtures import make_config, scratch_database
 from psycopg import sql
 from registry_fixtures import SETTINGS, shared_exported_world
-from score_fixtures import OVERRIDES, scoring_world
+from score_fixtures import OVERRIDES, rows_read, scoring_world
 
 from jobs import db, paths, runs
 
@@ -255,27 +255,6 @@ def _good_urls(world) -> list[str]:
 # ---- score: the work is read once, not once a page ---------------------------------------------
 
 
-def _seq_tup_read(cfg, table: str) -> int:
-    """Rows read by sequential scans of an app table so far, once the counts stop moving
-    (each backend reports its counts when it exits)."""
-    import time
-
-    last = None
-    for _ in range(40):
-        with db.connect(cfg, autocommit=True) as conn:
-            conn.execute("select pg_stat_clear_snapshot()")
-            (now,) = conn.execute(
-                "select coalesce(seq_tup_read, 0) from pg_stat_user_tables"
-                " where schemaname = %s and relname = %s",
-                (cfg.database.app_schema, table),
-            ).fetchone()
-        if now == last:
-            return int(now)
-        last = now
-        time.sleep(0.5)
-    return int(last)
-
-
 def test_score_reads_its_work_once_not_once_a_page(pg_server: str, tmp_path: Path, base, server):
     """A window of 10,000 snapshots scored in pages of 16 (625 pages): the table is scanned a
     fixed number of times (the work list, the 'already scored' count), not once per page.
@@ -305,9 +284,9 @@ def test_score_reads_its_work_once_not_once_a_page(pg_server: str, tmp_path: Pat
         cfg = make_config(
             world.scorer_url, world.tmp, **{**SETTINGS, **OVERRIDES, "score__batch_size": 16}
         )
-        before = _seq_tup_read(world.cfg, "webcam_snapshots")
+        before = rows_read(world.cfg, "webcam_snapshots", index=False)
         out = score.run(cfg, model=world.version)
-        read = _seq_tup_read(world.cfg, "webcam_snapshots") - before
+        read = rows_read(world.cfg, "webcam_snapshots", index=False) - before
         good = sum(1 for k in world.kinds.values() if k == "good")
         assert out["scored"] == good
         assert out["failed_by_reason"]["missing_url"] == extra + 1
