@@ -918,7 +918,13 @@ def _complete_shard_set(cfg: Config, run: runs.Run) -> list[Path]:
     return [complete[n][i] for i in range(n)]
 
 
-ACTIVE_ROW_GROUP = 16_384  # rows per row group of an active manifest (the merge's batch)
+ACTIVE_ROW_GROUP = 16_384  # rows per row group of an active manifest
+# Manifest rows the merge reads and joins at a time: the export writes a split as one row group
+# (up to ~120k rows), so the batch, not the row group, bounds what one step holds; 4,096 rows
+# held 9 MiB less than 16,384 at 100k snapshots (BENCHMARKS.md "Scale").
+MERGE_BATCH = 4_096
+# an active manifest's columns with a value per row (no dictionary page for them)
+_DISTINCT_ACTIVE_COLUMNS = ("firebase_url", "image_sha256", "image_path", "train_image_path")
 
 
 def _active_batch(rows: pa.RecordBatch | pa.Table, sha: Any, ext: Any, short_side: int) -> pa.Table:
@@ -975,7 +981,7 @@ def _write_active(
             return
         start = 0
         for batch in pq.ParquetFile(path).iter_batches(
-            batch_size=ACTIVE_ROW_GROUP, columns=MANIFEST_SCHEMA.names
+            batch_size=MERGE_BATCH, columns=MANIFEST_SCHEMA.names
         ):
             batch = batch.select(MANIFEST_SCHEMA.names)
             k = keep.slice(start, batch.num_rows)
@@ -990,7 +996,14 @@ def _write_active(
         if meta.num_rows != written:
             raise InputError(f"{final}: wrote {meta.num_rows} rows, expected {written}")
 
-    with atomic_path(final, check=check) as tmp, pq.ParquetWriter(tmp, ACTIVE_SCHEMA) as w:
+    # Dictionary pages for the columns with few distinct values only: the URL, hash and path
+    # columns are (nearly) all distinct, and building a dictionary for each until it overflows
+    # (1 MB a column: ~16k hashes) held more memory than the batch itself.
+    few_values = [n for n in ACTIVE_SCHEMA.names if n not in _DISTINCT_ACTIVE_COLUMNS]
+    with (
+        atomic_path(final, check=check) as tmp,
+        pq.ParquetWriter(tmp, ACTIVE_SCHEMA, use_dictionary=few_values) as w,
+    ):
         # Row groups of ACTIVE_ROW_GROUP output rows whatever the input batches kept, so the
         # file depends on the rows alone (a 3-shard merge writes a 1-shard merge's bytes).
         pending: list[pa.Table] = []
@@ -1010,6 +1023,50 @@ def _write_active(
     return written
 
 
+def _sorted_results(shard_files: list[Path]) -> pa.Table:
+    """The shards' result rows, sorted by URL: each shard file is (``UrlResults`` writes it in
+    URL order), so one shard costs no sort; several are one sort of their concatenation."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    results = pa.concat_tables(
+        pq.read_table(p, columns=["url", "image_sha256", "ext", "reason", "attempts"])
+        for p in shard_files
+    ).combine_chunks()  # one chunk: a take from a chunked column would concatenate it each time
+    url = results.column("url")
+    if len(url) > 1 and not pc.all(pc.less(url[:-1], url[1:]), skip_nulls=False).as_py():
+        results = results.take(pc.sort_indices(url))
+        url = results.column("url")
+        if not pc.all(pc.less(url[:-1], url[1:]), skip_nulls=False).as_py():
+            raise InputError(
+                f"the cache shards of {shard_files[0].parent} list a URL twice (or a null URL); "
+                "re-run the cache job for the shards (cached images are not fetched again)"
+            )
+    return results
+
+
+def _result_rows(sorted_urls: Any, urls: Any, batch: int = 65_536) -> pa.Array:
+    """For each of ``urls`` its row in ``sorted_urls`` (distinct, ascending), null where it is
+    absent: a binary search per URL (``search_sorted``), so no hash table of all the URLs is
+    built (``index_in``'s cost ~300 bytes of resident memory a URL at 100k URLs). Checked ``batch`` URLs at a time."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    n = len(sorted_urls)
+    if n == 0:
+        return pa.chunked_array([pa.nulls(len(urls), pa.int32())])
+    out = []
+    for start in range(0, len(urls), batch):
+        part = urls.slice(start, batch)
+        at = pc.search_sorted(sorted_urls, part)  # null for a null URL
+        at = pc.min_element_wise(at, n - 1)  # past the end: compared (and not equal) below
+        same = pc.fill_null(pc.equal(sorted_urls.take(at), part), False)
+        rows = pc.if_else(same, at.cast(pa.int32()), None)
+        out += rows.chunks if isinstance(rows, pa.ChunkedArray) else [rows]
+    return pa.chunked_array(out, pa.int32())
+
+
 def merge_shards(
     cfg: Config,
     run: runs.Run,
@@ -1025,7 +1082,6 @@ def merge_shards(
     (``verified_manifests``); by default verified here."""
     import pyarrow as pa
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
     from jobs.fetch import redact_url
 
@@ -1033,16 +1089,13 @@ def merge_shards(
     manifests = manifests or verified_manifests(cfg, run)
     shard_files = _complete_shard_set(cfg, run)
     # All in Arrow, so a merge of 200k URLs holds columns, not a Python object per row.
-    results = pa.concat_tables(
-        pq.read_table(p, columns=["url", "image_sha256", "ext", "reason", "attempts"])
-        for p in shard_files
-    ).combine_chunks()
+    results = _sorted_results(shard_files)
     # Each manifest row's result row (null: no shard has it), from the URL columns alone;
     # then the results' URLs are dropped.
     positions = {}
     for split, path in manifests.items():
         urls = _read_columns(path, ["firebase_url"]).column("firebase_url")
-        positions[split] = pc.index_in(urls, value_set=results.column("url"))
+        positions[split] = _result_rows(results.column("url"), urls)
     results = results.drop_columns(["url"])
 
     short = cfg.cache.train_short_side
@@ -1219,15 +1272,23 @@ def _distinct_urls(manifests: dict[str, Path], shard: tuple[int, int] = (0, 1)) 
 
 
 @contextlib.contextmanager
-def _system_arrow_pool() -> Iterator[None]:
-    """Arrow's buffers from the system allocator while the job runs: the default (mimalloc)
-    keeps the pages of freed buffers, and the merge's per-batch work then held ~700 bytes a
-    manifest row of freed memory (64 MiB more at 100k rows than at 10k, for 8 MB of live
-    buffers): measured in bench/bench_scale.py, BENCHMARKS.md "Scale"."""
+def _arrow_pool() -> Iterator[None]:
+    """Arrow's buffers from jemalloc while the job runs, freed pages returned to the OS at once
+    (decay 0), where pyarrow has it (its Linux wheels do), else from the system allocator.
+    The default (mimalloc) kept the pages of freed buffers: the merge's per-batch work then
+    held ~700 bytes a manifest row of freed memory. This sets pyarrow's pool; the one Arrow's
+    own C++ code uses (Parquet reading and writing) is chosen by ARROW_DEFAULT_MEMORY_POOL,
+    which the CLI sets (jobs/cli.py). Measured in bench/bench_scale.py, BENCHMARKS.md
+    "Scale"."""
     import pyarrow as pa
 
     before = pa.default_memory_pool()
-    pa.set_memory_pool(pa.system_memory_pool())
+    try:
+        pool = pa.jemalloc_memory_pool()
+        pa.jemalloc_set_decay_ms(0)
+    except NotImplementedError:
+        pool = pa.system_memory_pool()
+    pa.set_memory_pool(pool)
     try:
         yield
     finally:
@@ -1251,7 +1312,7 @@ def run(
     """Cache the images of the run ``run_ref`` names (an id, a model version or "latest";
     this shard's share), then (unsharded, or ``merge``) write the failures and active
     manifests and move the run to ``cached``."""
-    with _system_arrow_pool():
+    with _arrow_pool():
         return _run(cfg, run_ref, shard, merge, env=env, fetcher=fetcher)
 
 
@@ -1353,9 +1414,15 @@ def _run(
                 "next": f"after all {n} shards: airatings cache --merge --run {run.model_version}",
             }
         # The fetch phase's structures go before the merge (which verifies the manifests
-        # again: the fetch took a while).
+        # again: the fetch took a while), and the pages they held go back to the OS: Arrow's
+        # pool purged, and the system pool's release_unused(), glibc's malloc_trim(0), for
+        # every block the process freed (Python objects, the decode threads' Pillow buffers).
         del results, urls, failed
         gc.collect()
+        import pyarrow as pa
+
+        pa.default_memory_pool().release_unused()
+        pa.system_memory_pool().release_unused()
         summary = merge_shards(cfg, run, extra={"fetch": shard_summary})
         return {
             **base,

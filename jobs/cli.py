@@ -9,6 +9,7 @@ human summary. Exit codes: 0 done / already done, 2 bad config or input, 75 tran
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import time
@@ -19,6 +20,13 @@ from typing import Annotated, Any
 import typer
 
 from jobs.errors import EXIT_TRANSIENT, JobError, Terminated
+
+# Arrow's C++ allocator is chosen once, when pyarrow first allocates, from this variable: the
+# jobs run on jemalloc, which returns freed pages to the OS; the default (mimalloc) kept them,
+# and the cache job's peak memory grew with the rows (BENCHMARKS.md "Scale"). A value already
+# set wins; jemalloc is in pyarrow's Linux wheels only.
+if sys.platform == "linux":
+    os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "jemalloc")
 
 app = typer.Typer(
     help="ai-ratings: people's ratings of webcam snapshots -> a better ONNX model, reproducibly.",

@@ -604,3 +604,154 @@ def test_cli_bad_shard_exits_2(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2 and "out of range" in proc.stderr
     assert not (tmp_path / "a").exists()
+
+
+# ---- the merge's pieces, without a database ---------------------------------------------------
+
+
+def _url(i: int) -> str:
+    return f"https://img.example/cam/{i:05d}.jpg"
+
+
+def test_result_rows_find_each_url_like_index_in() -> None:
+    """The merge finds each manifest URL's result by binary search in the sorted shard URLs;
+    it must answer what a hash lookup (``pc.index_in``, the code before) answers: absent,
+    null, empty, before the first and past the last URL included, across batch edges."""
+    import random
+
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    rng = random.Random(7)
+    present = sorted({_url(rng.randrange(2000)) for _ in range(600)})
+    needles = [_url(rng.randrange(2000)) for _ in range(3000)]
+    needles += [None, "", "a", "zzz", present[0], present[-1], "https://img.example/é.jpg"]
+    rng.shuffle(needles)
+    values = pa.chunked_array([pa.array(present[:250]), pa.array(present[250:])])
+    urls = pa.chunked_array([pa.array(needles[:1234]), pa.array(needles[1234:])])
+    got = cache._result_rows(values, urls, batch=256)
+    assert len(got) == len(needles)
+    assert got.to_pylist() == pc.index_in(urls, value_set=values).to_pylist()
+    found = sum(r is not None for r in got.to_pylist())
+    assert 500 < found < len(needles) - 1500  # both cases, many times
+    empty = pa.chunked_array([pa.array([], pa.string())])
+    assert cache._result_rows(empty, urls).null_count == len(needles)
+
+
+def _shard_file(path: Path, urls: list[str]) -> Path:
+    import pyarrow as pa
+
+    n = len(urls)
+    table = pa.table(
+        {
+            "url": urls,
+            "image_sha256": [f"{i:064x}" for i in range(n)],
+            "ext": ["jpg"] * n,
+            "reason": pa.nulls(n, pa.string()),
+            "attempts": pa.array([1] * n, pa.int32()),
+            "bytes": pa.array([100] * n, pa.int64()),
+            "from_index": [False] * n,
+        },
+        schema=cache.results_schema(),
+    )
+    pq.write_table(table, path)
+    return path
+
+
+def test_several_shards_are_sorted_into_one_url_order(tmp_path: Path) -> None:
+    urls = [_url(i) for i in range(300)]
+    files = [
+        _shard_file(
+            tmp_path / f"{i}-of-3.parquet", sorted(u for u in urls if cache.shard_of(u, 3) == i)
+        )
+        for i in range(3)
+    ]
+    got = cache._sorted_results(files)
+    assert got.column("url").to_pylist() == urls  # every row, in URL order
+    one = cache._sorted_results(files[:1])
+    assert one.column("url").to_pylist() == sorted(u for u in urls if cache.shard_of(u, 3) == 0)
+    twice = _shard_file(tmp_path / "dup.parquet", urls[:5])
+    with pytest.raises(InputError, match="list a URL twice"):
+        cache._sorted_results([files[0], twice, _shard_file(tmp_path / "d2.parquet", urls[:5])])
+
+
+def _manifest(path: Path, ids: list[int], urls: list[str | None], row_group: int) -> Path:
+    import pyarrow as pa
+
+    from jobs.manifests import MANIFEST_SCHEMA
+
+    n = len(ids)
+    cols = {
+        "snapshot_id": ids,
+        "firebase_url": urls,
+        "label_source": ["human"] * n,
+        "label_value": [1.0] * n,
+        "split": ["train"] * n,
+        "phase": ["sunset"] * n,
+        "captured_at": pa.array([0] * n, pa.timestamp("us", tz="UTC")),
+        "rating_count": [3] * n,
+        "is_good": [True] * n,
+        "webcam_id": [i % 7 for i in ids],
+        "region": ["eu"] * n,
+        "source": ["app"] * n,
+        "rating_std": [0.5] * n,
+        "rating_hist": [[0, 1, 2, 0, 0, 0]] * n,
+    }
+    pq.write_table(pa.table(cols, schema=MANIFEST_SCHEMA), path, row_group_size=row_group)
+    return path
+
+
+@pytest.mark.parametrize("in_order", [True, False])
+def test_a_split_larger_than_a_row_group_is_streamed_in_row_groups(
+    tmp_path: Path, monkeypatch, in_order: bool
+) -> None:
+    """The merge reads a split MERGE_BATCH rows at a time (4,096; 31 here) and writes row
+    groups of ACTIVE_ROW_GROUP rows (16,384; 50 here): every kept row once, in snapshot_id
+    order, each with its own image, full row groups but the last; a manifest not in
+    snapshot_id order is sorted."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    monkeypatch.setattr(cache, "ACTIVE_ROW_GROUP", 50)
+    monkeypatch.setattr(cache, "MERGE_BATCH", 31)  # input batches across the output's groups
+    n = 1037
+    ids = list(range(1, n + 1)) if in_order else [(i * 389) % n + 1 for i in range(n)]
+    urls = [None if i % 97 == 0 else _url(i % 400) for i in ids]  # shared URLs, some missing
+    path = _manifest(tmp_path / "m.parquet", ids, urls, row_group=73)
+    results = cache._sorted_results(
+        [_shard_file(tmp_path / "r.parquet", [_url(i) for i in range(0, 400, 2)])]
+    )
+    pos = cache._result_rows(results.column("url"), pa.chunked_array([pa.array(urls)]))
+    keep = pc.is_valid(pos)  # odd URLs and missing ones have no result
+    out = tmp_path / "active.parquet"
+    written = cache._write_active(path, out, results.drop_columns(["url"]), keep, pos, 224)
+    table = pq.read_table(out)
+    expect = sorted((i, u) for i, u in zip(ids, urls, strict=True) if u and int(u[-9:-4]) % 2 == 0)
+    assert written == table.num_rows == len(expect) > 400
+    assert (
+        list(
+            zip(
+                table.column("snapshot_id").to_pylist(),
+                table.column("firebase_url").to_pylist(),
+                strict=True,
+            )
+        )
+        == expect
+    )
+    sha_of = dict(
+        zip(
+            results.column("url").to_pylist(),
+            results.column("image_sha256").to_pylist(),
+            strict=True,
+        )
+    )
+    assert table.column("image_sha256").to_pylist() == [sha_of[u] for _, u in expect]
+    sha = table.column("image_sha256")[0].as_py()
+    assert table.column("train_image_path")[0].as_py() == f"images/train224/{sha[:2]}/{sha}.jpg"
+    groups = [
+        pq.ParquetFile(out).metadata.row_group(g).num_rows
+        for g in range(pq.ParquetFile(out).num_row_groups)
+    ]
+    if in_order:
+        assert groups[:-1] == [50] * (len(groups) - 1) and 0 < groups[-1] <= 50
+    assert table.schema == __import__("jobs.manifests").manifests.ACTIVE_SCHEMA

@@ -6,6 +6,7 @@ import inspect
 import json
 import os
 import subprocess
+import sys
 from importlib import import_module
 from pathlib import Path
 
@@ -248,3 +249,19 @@ def test_people_get_an_aligned_table_not_a_json_blob():
     assert any(line.split() == ["export", "exported", "3.2"] for line in lines)
     assert any(line.split() == ["train", "trained", "-"] for line in lines)
     assert "{" not in text
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="jemalloc: pyarrow's Linux wheels")
+@pytest.mark.parametrize("preset,backend", [(None, "jemalloc"), ("system", "system")])
+def test_the_jobs_run_arrow_on_jemalloc_unless_told_otherwise(preset, backend):
+    """The CLI picks Arrow's C++ allocator before pyarrow first allocates (mimalloc, the
+    default, kept freed pages: the cache job's peak memory grew with the rows); a value the
+    user set wins."""
+    env = {k: v for k, v in os.environ.items() if k != "ARROW_DEFAULT_MEMORY_POOL"}
+    if preset:
+        env["ARROW_DEFAULT_MEMORY_POOL"] = preset
+    code = "import jobs.cli, pyarrow as pa; print(pa.default_memory_pool().backend_name)"
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == backend
