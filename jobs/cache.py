@@ -1273,21 +1273,25 @@ def _distinct_urls(manifests: dict[str, Path], shard: tuple[int, int] = (0, 1)) 
 
 @contextlib.contextmanager
 def _arrow_pool() -> Iterator[None]:
-    """Arrow's buffers from jemalloc while the job runs, freed pages returned to the OS at once
-    (decay 0), where pyarrow has it (its Linux wheels do), else from the system allocator.
-    The default (mimalloc) kept the pages of freed buffers: the merge's per-batch work then
-    held ~700 bytes a manifest row of freed memory. This sets pyarrow's pool; the one Arrow's
-    own C++ code uses (Parquet reading and writing) is chosen by ARROW_DEFAULT_MEMORY_POOL,
-    which the CLI sets (jobs/cli.py). Measured in bench/bench_scale.py, BENCHMARKS.md
-    "Scale"."""
+    """Arrow's buffers from jemalloc while the job runs, with decay 0 (the arenas created from
+    then on return freed pages at once), where pyarrow has it (its Linux wheels do), else
+    from the system allocator; a pool named in ARROW_DEFAULT_MEMORY_POOL wins. The default
+    (mimalloc) kept the pages of freed buffers: the merge's per-batch work then held ~700
+    bytes a manifest row of freed memory. This sets pyarrow's pool; the one Arrow's own C++
+    code uses (Parquet reading and writing) is chosen by ARROW_DEFAULT_MEMORY_POOL, which the
+    CLI sets (jobs/cli.py). Measured in bench/bench_scale.py, BENCHMARKS.md "Scale"."""
     import pyarrow as pa
 
     before = pa.default_memory_pool()
-    try:
-        pool = pa.jemalloc_memory_pool()
-        pa.jemalloc_set_decay_ms(0)
-    except NotImplementedError:
-        pool = pa.system_memory_pool()
+    chosen = os.environ.get("ARROW_DEFAULT_MEMORY_POOL", "")
+    if chosen not in ("", "jemalloc"):
+        pool = before  # the user's choice: Arrow made it its default
+    else:
+        try:
+            pool = pa.jemalloc_memory_pool()
+            pa.jemalloc_set_decay_ms(0)
+        except NotImplementedError:
+            pool = pa.system_memory_pool()
     pa.set_memory_pool(pool)
     try:
         yield

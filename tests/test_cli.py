@@ -251,7 +251,20 @@ def test_people_get_an_aligned_table_not_a_json_blob():
     assert "{" not in text
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="jemalloc: pyarrow's Linux wheels")
+def _has_jemalloc() -> bool:
+    import pyarrow as pa
+
+    try:
+        pa.jemalloc_memory_pool()
+    except NotImplementedError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or not _has_jemalloc(),
+    reason="jemalloc: in pyarrow's Linux wheels",
+)
 @pytest.mark.parametrize("preset,backend", [(None, "jemalloc"), ("system", "system")])
 def test_the_jobs_run_arrow_on_jemalloc_unless_told_otherwise(preset, backend):
     """The CLI picks Arrow's C++ allocator before pyarrow first allocates (mimalloc, the
@@ -265,3 +278,21 @@ def test_the_jobs_run_arrow_on_jemalloc_unless_told_otherwise(preset, backend):
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
     )
     assert out.stdout.strip() == backend
+
+
+@pytest.mark.parametrize("preset,backend", [(None, "jemalloc"), ("system", "system")])
+def test_the_cache_job_keeps_the_users_arrow_pool(preset, backend, monkeypatch):
+    import pyarrow as pa
+
+    from jobs import cache
+
+    if backend == "jemalloc" and not _has_jemalloc():
+        pytest.skip("pyarrow without jemalloc")
+    monkeypatch.delenv("ARROW_DEFAULT_MEMORY_POOL", raising=False)
+    if preset:
+        monkeypatch.setenv("ARROW_DEFAULT_MEMORY_POOL", preset)
+        monkeypatch.setattr(pa, "default_memory_pool", pa.system_memory_pool)
+    before = pa.default_memory_pool().backend_name
+    with cache._arrow_pool():
+        assert pa.default_memory_pool().backend_name == backend
+    assert pa.default_memory_pool().backend_name == before
