@@ -236,7 +236,14 @@ def test_three_score_shards_score_each_snapshot_once_like_one_shard(
         assert a["inferences"] == b["inferences"]  # raw scores, aiRatings, gates: identical
         assert a["webcams"] == b["webcams"]
         assert {v for _, v in a["webcams"].values()} == {wa.version}
-        assert a["failures"] == b["failures"] and len(a["failures"]) == 5
+
+        # Same failures; a transient one's attempts may differ: the twin of shard 1, when it
+        # takes the lock after shard 1 finished, retries the 503 (counted, as it should be).
+        def settled(fails):
+            return [(sid, why, tr, 1 if tr else n) for sid, why, tr, n in fails]
+
+        assert settled(a["failures"]) == settled(b["failures"]) and len(a["failures"]) == 5
+        assert all(n >= 1 for *_, n in a["failures"])
 
 
 def _good_urls(world) -> list[str]:
