@@ -1034,11 +1034,13 @@ def _sorted_results(shard_files: list[Path]) -> pa.Table:
         pq.read_table(p, columns=["url", "image_sha256", "ext", "reason", "attempts"])
         for p in shard_files
     ).combine_chunks()  # one chunk: a take from a chunked column would concatenate it each time
-    url = results.column("url")
-    if len(url) > 1 and not pc.all(pc.less(url[:-1], url[1:]), skip_nulls=False).as_py():
-        results = results.take(pc.sort_indices(url))
-        url = results.column("url")
-        if not pc.all(pc.less(url[:-1], url[1:]), skip_nulls=False).as_py():
+
+    def distinct_ascending(url: Any) -> bool:  # a null compares as null: not ascending
+        return len(url) < 2 or bool(pc.all(pc.less(url[:-1], url[1:]), skip_nulls=False).as_py())
+
+    if not distinct_ascending(results.column("url")):
+        results = results.take(pc.sort_indices(results.column("url")))
+        if not distinct_ascending(results.column("url")):
             raise InputError(
                 f"the cache shards of {shard_files[0].parent} list a URL twice (or a null URL); "
                 "re-run the cache job for the shards (cached images are not fetched again)"
@@ -1048,8 +1050,8 @@ def _sorted_results(shard_files: list[Path]) -> pa.Table:
 
 def _result_rows(sorted_urls: Any, urls: Any, batch: int = 65_536) -> pa.Array:
     """For each of ``urls`` its row in ``sorted_urls`` (distinct, ascending), null where it is
-    absent: a binary search per URL (``search_sorted``), so no hash table of all the URLs is
-    built (``index_in``'s cost ~300 bytes of resident memory a URL at 100k URLs). Checked ``batch`` URLs at a time."""
+    absent: a binary search per URL (``search_sorted``), ``batch`` URLs at a time, so no hash
+    table of all the URLs is built (``index_in``'s held ~300 bytes of RSS a URL at 100k)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
